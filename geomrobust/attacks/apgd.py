@@ -1,0 +1,146 @@
+"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1): step-size-free PGD with momentum.
+
+Differences from the reference PyTorch code, all deliberate:
+  * the whole run is compiled: a ``fori_loop`` over steps with the checkpoint
+    schedule precomputed as static arrays, and per-example step sizes;
+  * restarting from the best point at a step-size halving also resets the
+    momentum (x_prev := x_best), instead of pairing x_best with a stale x_prev;
+  * the random start is uniform inside the ball (see ``norms.random_init``).
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geomrobust.attacks import common
+from geomrobust.attacks.eot import LogitsFn, eot_value_and_grad
+from geomrobust.attacks.norms import check_norm, expand_to, project, random_init, step_direction
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+  """Iterations ``0 < w_1 < w_2 < ... < steps`` where the step size is reconsidered.
+
+  ``w_j = ceil(p_j * steps)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
+  ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``; duplicates (small
+  ``steps``) are merged.
+  """
+  p = [0.0, 0.22]
+  while (nxt := p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)) <= 1.0:
+    p.append(nxt)
+  # The tiny offset keeps e.g. 0.41 * 100 = 41.000000000000004 from rounding up to 42.
+  ws = sorted({math.ceil(pj * steps - 1e-6) for pj in p[1:]})
+  return [w for w in ws if 0 < w < steps]
+
+
+def _schedule(steps: int):
+  """Static arrays over iterations k = 0..steps: is-checkpoint [steps+1], interval length."""
+  is_check = np.zeros(steps + 1, bool)
+  interval = np.ones(steps + 1, np.float32)
+  prev = 0
+  for w in apgd_checkpoints(steps):
+    is_check[w] = True
+    interval[w] = w - prev
+    prev = w
+  return jnp.asarray(is_check), jnp.asarray(interval)
+
+
+class _State(NamedTuple):
+  """Per-restart APGD state; [B, ...] for points and gradients, [B] for the rest."""
+
+  x_cur: jax.Array            # x^(k)
+  x_prev: jax.Array           # x^(k-1), for the momentum term
+  g_cur: jax.Array            # gradient at x^(k)
+  loss_cur: jax.Array         # f(x^(k))
+  eta: jax.Array              # per-example step size
+  x_max: jax.Array            # highest-loss point so far (restart target)
+  g_max: jax.Array            # its gradient, so a restart costs no extra evaluation
+  loss_max: jax.Array
+  n_increase: jax.Array       # #{f(x^(i+1)) > f(x^(i))} since the last checkpoint
+  loss_max_at_check: jax.Array
+  reduced_at_check: jax.Array  # bool: was eta halved at the last checkpoint
+  best: common.Best           # best adversarial point (success first, then loss)
+
+
+def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 100,
+         restarts: int = 1, loss: str = 'ce', rho: float = 0.75, alpha: float = 0.75,
+         random_start: bool = True, targeted: bool = False, target_labels=None,
+         eot_samples: int = 1) -> jax.Array:
+  """APGD with per-example step sizes. x: [B, ...], labels: [B] -> x_adv [B, ...].
+
+  Starts with step size ``2 * eps`` (both norms). Iteration k:
+  ``z = P(x_k + eta * dir(g_k))``,
+  ``x_{k+1} = P(x_k + a (z - x_k) + (1 - a)(x_k - x_{k-1}))`` with ``a = 1`` on
+  the first step and ``alpha`` after. At checkpoint ``w_j`` (see
+  :func:`apgd_checkpoints`) an example halves ``eta`` and restarts from its
+  highest-loss point if (1) fewer than ``rho * (w_j - w_{j-1})`` of the steps
+  since ``w_{j-1}`` increased the loss, or (2) ``eta`` was not halved at
+  ``w_{j-1}`` and the best loss has not improved since.
+
+  Uses ``steps + 1`` gradient evaluations per restart (the start plus one per
+  step), i.e. ``steps`` updates, like :func:`pgd` with the same ``steps``.
+  Returns, per example and over restarts, the best evaluated point: successful
+  beats unsuccessful, then higher loss. ``eps`` may be traced; ``steps``,
+  ``restarts``, ``norm``, ``loss``, ``rho``, ``alpha``, ``eot_samples`` are
+  static. The rng is used as in :func:`pgd`.
+  """
+  check_norm(norm)
+  if steps < 0:
+    raise ValueError(f'steps must be >= 0, got {steps}')
+  x = common.as_input(x)
+  goal = common.make_goal(loss, labels, targeted, target_labels)
+  value_and_grad = eot_value_and_grad(logits_fn, goal.objective, eot_samples)
+  is_check, interval = _schedule(steps)
+  batch = x.shape[0]
+  eta0 = jnp.broadcast_to(2.0 * jnp.asarray(eps, jnp.float32), (batch,))
+
+  def per_example(mask):  # [B] -> [B, 1, ..., 1]
+    return mask.reshape((-1,) + (1,) * (x.ndim - 1))
+
+  def run_one(key):
+    k_init, k_model = jax.random.split(key)
+    x0 = project(x + random_init(k_init, x, eps, norm), x, eps, norm) if random_start else x
+    out0 = value_and_grad(x0, jax.random.fold_in(k_model, 0))
+    state = _State(
+        x_cur=x0, x_prev=x0, g_cur=out0.grad, loss_cur=out0.loss, eta=eta0,
+        x_max=x0, g_max=out0.grad, loss_max=out0.loss,
+        n_increase=jnp.zeros((batch,), jnp.float32),
+        loss_max_at_check=out0.loss, reduced_at_check=jnp.zeros((batch,), bool),
+        best=common.update_best(common.init_best(x), x0, out0.loss, goal.is_success(out0.probs)))
+
+    def body(i, s: _State) -> _State:
+      a = jnp.where(i == 0, 1.0, alpha).astype(x.dtype)
+      z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm)
+      x_next = project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm)
+      out = value_and_grad(x_next, jax.random.fold_in(k_model, i + 1))
+      best = common.update_best(s.best, x_next, out.loss, goal.is_success(out.probs))
+
+      n_increase = s.n_increase + (out.loss > s.loss_cur)
+      improved = out.loss > s.loss_max
+      x_max = jnp.where(per_example(improved), x_next, s.x_max)
+      g_max = jnp.where(per_example(improved), out.grad, s.g_max)
+      loss_max = jnp.where(improved, out.loss, s.loss_max)
+
+      # Checkpoint k = i + 1 (static schedule, selected with where: no cond needed).
+      check = is_check[i + 1]
+      oscillating = n_increase < rho * interval[i + 1]
+      stalled = ~s.reduced_at_check & (loss_max <= s.loss_max_at_check)
+      reduce = check & (oscillating | stalled)
+      r = per_example(reduce)
+      return _State(
+          x_cur=jnp.where(r, x_max, x_next),
+          x_prev=jnp.where(r, x_max, s.x_cur),
+          g_cur=jnp.where(r, g_max, out.grad),
+          loss_cur=jnp.where(reduce, loss_max, out.loss),
+          eta=jnp.where(reduce, 0.5 * s.eta, s.eta),
+          x_max=x_max, g_max=g_max, loss_max=loss_max,
+          n_increase=jnp.where(check, 0.0, n_increase),
+          loss_max_at_check=jnp.where(check, loss_max, s.loss_max_at_check),
+          reduced_at_check=jnp.where(check, reduce, s.reduced_at_check),
+          best=best)
+
+    return jax.lax.fori_loop(0, steps, body, state).best
+
+  return jax.lax.stop_gradient(common.run_restarts(run_one, x, rng, restarts).x)

@@ -1,0 +1,316 @@
+"""Experiment configs: loading by name, ``--config.a.b=value`` overrides, smoke.
+
+An experiment is a Python file ``experiments/<name>.py`` with ``get_config()``
+returning an ``ml_collections.ConfigDict`` and a module docstring that holds its
+COMMAND, expected runtime and expected result (big_vision style).
+
+Overrides are parsed here rather than by ``ml_collections.config_flags`` so that
+every bad override is one actionable line (an unknown key lists the valid keys,
+a bad value names the expected type) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.util
+import json
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration error; its message is one actionable line."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Fields every experiment has; experiments change what they need.
+
+  Field docs (``python launch.py --experiment=NAME --show_config`` prints the
+  resolved values):
+
+  seed                 fixes init, data order and attack randomness.
+  dataset              a name from ``geomrobust.data.available_datasets()``.
+  data.verify          check file checksums and example counts (off only for
+                       generated test files).
+  data.train_examples  use the first N training examples (0 = all).
+  data.train_per_class use the first N training examples of each class (0 = off).
+  data.test_examples / data.test_per_class   the same for the test split.
+  model.*              see ``geomrobust.models`` (name: mlp | cnn).
+  method.name          a module of ``geomrobust.methods``; its other fields are
+                       that method's hyperparameters (documented there).
+  train.epochs, train.batch_size (global, split over devices), train.optimizer
+                       (adam | sgd | adamw), train.lr, train.momentum,
+                       train.weight_decay, train.lr_milestones (epochs) and
+                       train.lr_decay (multiplier at each milestone).
+  train.checkpoint_every  epochs between checkpoints (resume granularity).
+  train.eval_every     epochs between clean test-accuracy logs (0 = never).
+  eval.num_examples    evaluate on the first N test examples (0 = all).
+  eval.batch_size      attack batch size.
+  eval.norm            linf | l2.
+  eval.eps             the eps grid (pixel scale, inputs in [0,1]).
+  eval.attacks         attacks run at every eps (fgsm, pgd, ...).
+  eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (x eps/steps),
+  eval.pgd_loss        PGD settings.
+  eval.seed            attack randomness.
+  parallel.num_devices data-parallel devices (0 = all local devices).
+  parallel.distributed call jax.distributed.initialize() (multi-host).
+  members              'name: key=value; ...' strings, for experiments that train a family.
+  only                 comma-separated member names to run (empty = all).
+  """
+  c = ml_collections.ConfigDict()
+  c.experiment = ''
+  c.seed = 0
+  c.dataset = 'mnist'
+  c.data = ml_collections.ConfigDict(dict(
+      verify=True, train_examples=0, train_per_class=0, test_examples=0, test_per_class=0))
+  c.model = ml_collections.ConfigDict(dict(
+      name='mlp', hidden=(100,), activation='relu', weight_init='lecun', use_bias=True))
+  c.method = ml_collections.ConfigDict(dict(name='isometric'))
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=5, batch_size=100, optimizer='adam', lr=1e-3, momentum=0.9, weight_decay=0.0,
+      lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1))
+  c.eval = ml_collections.ConfigDict(dict(
+      num_examples=0, batch_size=500, norm='linf', eps=(0.0, 0.1, 0.2, 0.3), attacks=('fgsm', 'pgd'),
+      pgd_steps=40, pgd_restarts=1, pgd_step_size=2.5, pgd_loss='ce', seed=0))
+  c.parallel = ml_collections.ConfigDict(dict(num_devices=0, distributed=False))
+  c.members = ()
+  c.only = ''
+  c.smoke_run = False
+  return c
+
+
+# --------------------------------------------------------------------------
+# The experiment registry: experiments/<name>.py
+# --------------------------------------------------------------------------
+
+
+def list_experiments(experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> list[str]:
+  return sorted(p.stem for p in experiments_dir.glob('*.py') if not p.stem.startswith('_'))
+
+
+def _load_module(name: str, experiments_dir: pathlib.Path):
+  path = experiments_dir / f'{name}.py'
+  if not path.is_file():
+    raise ConfigError(f'unknown experiment {name!r}; available: {", ".join(list_experiments(experiments_dir))} '
+                      '(python launch.py --list describes them)')
+  spec = importlib.util.spec_from_file_location(f'geomrobust_experiments.{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def experiment_summary(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> str:
+  """First docstring line of an experiment (what ``--list`` prints)."""
+  doc = (_load_module(name, experiments_dir).__doc__ or '').strip()
+  return doc.splitlines()[0] if doc else '(no description)'
+
+
+def experiment_doc(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> str:
+  return (_load_module(name, experiments_dir).__doc__ or '').strip()
+
+
+def load_experiment(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> ml_collections.ConfigDict:
+  """Returns ``experiments/<name>.py:get_config()`` with ``experiment`` set."""
+  config = _load_module(name, experiments_dir).get_config()
+  with config.unlocked():
+    config.experiment = name
+  return config
+
+
+# --------------------------------------------------------------------------
+# Overrides
+# --------------------------------------------------------------------------
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  keys = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_flat_keys(v, f'{prefix}{k}.'))
+    else:
+      keys.append(f'{prefix}{k}')
+  return keys
+
+
+def _parse_bool(text: str) -> bool:
+  low = text.strip().lower()
+  if low in ('true', '1', 'yes', 'y'):
+    return True
+  if low in ('false', '0', 'no', 'n'):
+    return False
+  raise ValueError('expected true or false')
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _coerce(value: Any, like: Any) -> Any:
+  """Converts ``value`` (a parsed literal or raw string) to the type of ``like``."""
+  if like is None:
+    return value
+  if isinstance(like, bool):
+    if isinstance(value, bool):
+      return value
+    return _parse_bool(str(value))
+  if isinstance(like, int):
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ValueError('expected an integer')
+    return value
+  if isinstance(like, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ValueError('expected a number')
+    return float(value)
+  if isinstance(like, str):
+    return value if isinstance(value, str) else str(value)
+  if isinstance(like, (tuple, list)):
+    if isinstance(value, str):
+      # Allow the shell-friendly form a,b,c for sequences.
+      value = tuple(_literal(p) for p in value.split(',')) if value else ()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      value = (value,)
+    if not isinstance(value, (tuple, list)):
+      raise ValueError('expected a sequence like 1,2,3 or "(1, 2, 3)"')
+    if like:
+      value = tuple(_coerce(v, like[0]) for v in value)
+    return type(like)(value)
+  raise ValueError(f'cannot override a field of type {type(like).__name__}')
+
+
+def _type_name(like: Any) -> str:
+  if isinstance(like, (tuple, list)):
+    inner = _type_name(like[0]) if like else 'value'
+    return f'sequence of {inner}'
+  return 'bool' if isinstance(like, bool) else type(like).__name__
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets ``config.<key>`` from the command-line string ``text``, type-checked."""
+  parts = key.split('.')
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      valid = ', '.join(_flat_keys(config))
+      raise ConfigError(f'unknown config key {key!r}; valid keys: {valid}')
+    if i < len(parts) - 1:
+      node = node[part]
+  like = node[parts[-1]]
+  if isinstance(like, ml_collections.ConfigDict):
+    sub = ', '.join(f'{key}.{k}' for k in _flat_keys(like))
+    raise ConfigError(f'{key!r} is a group, not a value; set one of: {sub}')
+  try:
+    value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
+  except ValueError as e:
+    raise ConfigError(f'bad value {text!r} for --config.{key}: {e} (the field is a {_type_name(like)}, '
+                      f'currently {like!r})') from None
+  with node.ignore_type():
+    node[parts[-1]] = value
+
+
+def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """Separates ``--config.key=value`` arguments from the rest of argv."""
+  rest, overrides = [], []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      body = arg[len('--config.'):]
+      if '=' not in body:
+        raise ConfigError(f'{arg!r} needs a value: write --config.{body}=VALUE')
+      key, value = body.split('=', 1)
+      overrides.append((key, value))
+    else:
+      rest.append(arg)
+  return rest, overrides
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
+  config = copy.deepcopy(config)
+  for key, value in overrides:
+    apply_override(config, key, value)
+  return config
+
+
+# --------------------------------------------------------------------------
+# Members of a multi-model experiment
+# --------------------------------------------------------------------------
+
+
+def parse_member(spec: str) -> tuple[str, list[tuple[str, str]]]:
+  """``'name: a.b=1; c=x'`` -> ``('name', [('a.b', '1'), ('c', 'x')])``."""
+  name, _, body = spec.partition(':')
+  name = name.strip()
+  if not name or not all(ch.isalnum() or ch in '_-.' for ch in name):
+    raise ConfigError(f'bad member {spec!r}: write "name: key=value; key=value" with a plain name')
+  overrides = []
+  for part in body.split(';'):
+    if part.strip():
+      key, eq, value = part.partition('=')
+      if not eq:
+        raise ConfigError(f'bad member {spec!r}: {part.strip()!r} is not key=value')
+      overrides.append((key.strip(), value.strip()))
+  return name, overrides
+
+
+def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, ml_collections.ConfigDict]]:
+  """Expands ``config.members`` into ``[(name, overrides, member_config)]``.
+
+  ``config.members`` is an ordered tuple of ``'name: key=value; key=value'``
+  strings; each member is the experiment config with those overrides (parsed
+  and type-checked like ``--config.key=value``). ``config.only``
+  (comma-separated names) restricts the list. An experiment without members is
+  a single member named ``''``.
+  """
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    base.members = ()
+    base.only = ''
+  specs = [parse_member(s) for s in (config.get('members') or ())]
+  if not specs:
+    return [('', {}, base)]
+  names = [n for n, _ in specs]
+  if len(set(names)) != len(names):
+    raise ConfigError(f'duplicate member names in config.members: {names}')
+  only = [n.strip() for n in str(config.get('only', '') or '').split(',') if n.strip()]
+  for n in only:
+    if n not in names:
+      raise ConfigError(f'--config.only names unknown member {n!r}; members: {", ".join(names)}')
+  return [(name, dict(overrides), apply_overrides(base, overrides))
+          for name, overrides in specs if not only or name in only]
+
+
+# --------------------------------------------------------------------------
+# Smoke: any experiment shrunk to a sub-minute CPU run through the whole path
+# --------------------------------------------------------------------------
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks data, epochs and evaluation; keeps every code path (and member).
+
+  An experiment may refine this with ``config.smoke``, a tuple of
+  ``(key, value)`` override pairs applied last.
+  """
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.data.train_examples = min(config.data.get('train_examples', 0) or 10**9, 512)
+    config.data.test_examples = min(config.data.get('test_examples', 0) or 10**9, 256)
+    config.train.epochs = min(config.train.epochs, 2)
+    config.train.batch_size = min(config.train.batch_size, 64)
+    config.eval.num_examples = min(config.eval.num_examples or 10**9, 64)
+    config.eval.batch_size = min(config.eval.batch_size, 64)
+    config.eval.pgd_steps = min(config.eval.pgd_steps, 5)
+    config.eval.pgd_restarts = min(config.eval.pgd_restarts, 1)
+    config.smoke_run = True
+  for key, value in (config.get('smoke') or ()):
+    apply_override(config, key, value)
+  return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,109 @@
+"""What a method is: parameters, hyperparameters and a list of training phases.
+
+A method owns its *objective*; the training loop owns everything else (data,
+batching, sharding, optimiser state, checkpoints, logging). Each phase is a
+pure loss function plus which parameters it may change, so multi-stage
+recipes (a local-learning stage then a readout; hierarchical isometric levels
+trained one after another) are data, not control flow inside the loop.
+
+Shapes: ``batch = {'image': float32 [B, H, W, C] in [0,1], 'label': int32 [B]}``
+with B the per-step global batch; ``loss_fn(params, batch, rng, hparams)``
+returns ``(scalar loss, {name: scalar metric})``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Params = Any
+LossFn = Callable[[Params, dict, jax.Array, dict], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One stage of training.
+
+  Attributes:
+    name: shown in logs and metrics (e.g. ``train``, ``local``, ``readout``).
+    epochs: passes over the training set.
+    loss_fn: ``(params, batch, rng, hparams) -> (loss, metrics)``.
+    trainable: predicate on a parameter's path (tuple of keys); parameters for
+      which it is False get *exactly* zero updates and no optimiser state
+      (``optax.set_to_zero``), which also freezes them under Adam momentum.
+      ``None`` trains everything.
+    lr: learning rate for this phase (``None``: ``config.train.lr``).
+  """
+
+  name: str
+  epochs: int
+  loss_fn: LossFn
+  trainable: Callable[[tuple[str, ...]], bool] | None = None
+  lr: float | None = None
+
+
+class Method:
+  """Base class; subclasses set ``phases`` and usually ``loss``.
+
+  ``params`` is a dict ``{'model': <flax params>, ...}``: methods with extra
+  parameters (e.g. auxiliary heads) add keys next to ``'model'``.
+  """
+
+  def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int):
+    self.model = model
+    self.config = config
+    self.num_classes = num_classes
+
+  # -- parameters ---------------------------------------------------------
+
+  def init_params(self, rng: jax.Array, example_x: jax.Array) -> Params:
+    return {'model': self.model.init(rng, example_x)['params']}
+
+  def hparams(self) -> dict[str, jax.Array]:
+    """Float hyperparameters the loss reads as *traced* values, so a sweep can
+    vmap over them (one compiled program for a whole grid)."""
+    return {}
+
+  def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None, train: bool = False):
+    """``x [B, ...] -> (logits [B, C], reps tuple)``; ``rng`` for stochastic models."""
+    del rng
+    return self.model.apply({'params': params['model']}, x, train=train)
+
+  def logits(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """The classifier the shared evaluation attacks: ``x [B, ...] -> [B, C]``."""
+    return self.apply(params, x, rng)[0]
+
+  stochastic: bool = False
+
+  # -- training -----------------------------------------------------------
+
+  def phases(self) -> list[Phase]:
+    raise NotImplementedError
+
+  def geometry(self, params: Params, images: jax.Array, labels: jax.Array) -> dict:
+    """Method-specific geometric diagnostics on test data (JSON-able dict)."""
+    del params, images, labels
+    return {}
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy; ``logits [B, C]``, integer ``labels [B]``."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def path_names(path) -> tuple[str, ...]:
+  """``jax.tree_util`` key path -> tuple of plain strings."""
+  out = []
+  for k in path:
+    out.append(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))))
+  return tuple(out)

@@ -1,0 +1,31 @@
+"""Models: Flax Linen modules returning ``(logits, per-layer representations)``.
+
+``build_model(config.model, num_classes)`` picks one by ``config.model.name``.
+"""
+
+import ml_collections
+
+from geomrobust.models.cnn import SmallCNN
+from geomrobust.models.common import ACTIVATIONS, INITS
+from geomrobust.models.mlp import MLP
+
+MODELS = {
+    'mlp': lambda c, n: MLP(hidden=tuple(c.hidden), num_classes=n, activation=c.activation,
+                            weight_init=c.weight_init, use_bias=c.get('use_bias', True)),
+    'cnn': lambda c, n: SmallCNN(channels=tuple(c.channels), convs_per_block=c.convs_per_block,
+                                 kernel_size=c.kernel_size, dense=tuple(c.dense), num_classes=n,
+                                 activation=c.activation, weight_init=c.weight_init),
+}
+
+
+def build_model(model_config: ml_collections.ConfigDict, num_classes: int):
+  """Returns the Flax module described by ``model_config`` (``name`` selects it)."""
+  name = model_config.name
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; available: {", ".join(sorted(MODELS))}')
+  return MODELS[name](model_config, num_classes)
+
+
+def register_model(name: str, factory) -> None:
+  """Adds ``factory(model_config, num_classes) -> nn.Module`` under ``name``."""
+  MODELS[name] = factory

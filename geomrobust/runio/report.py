@@ -1,0 +1,205 @@
+"""report.md and PNG plots for a run and for a multi-model experiment."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from geomrobust import runio
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use('Agg')  # Headless: files only.
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _pct(v) -> str:
+  return '–' if v is None else f'{100 * v:.2f}'
+
+
+def _curves(results: dict) -> dict[str, list[tuple[float, float]]]:
+  out: dict[str, list] = {}
+  for r in results.get('robustness', []):
+    out.setdefault(r['attack'], []).append((r['eps'], r['accuracy']))
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def _headline_attack(results: dict) -> str | None:
+  curves = _curves(results)
+  for name in ('worst_case', 'pgd', 'fgsm'):
+    if name in curves:
+      return name
+  return next(iter(curves), None)
+
+
+def plot_accuracy_vs_eps(path: pathlib.Path, series: dict[str, list[tuple[float, float]]], title: str,
+                         log_x: bool = False) -> None:
+  """One curve per entry of ``series`` (name -> [(eps, accuracy)])."""
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for name, pts in series.items():
+    eps, acc = zip(*pts)
+    eps = np.asarray(eps, float)
+    if log_x:
+      keep = eps > 0
+      eps, acc = eps[keep], np.asarray(acc)[keep]
+    ax.plot(eps, 100 * np.asarray(acc), marker='o', ms=3, label=name)
+  if log_x:
+    ax.set_xscale('log')
+  ax.set_xlabel('eps (L-inf, pixel scale)' if not log_x else 'eps (log scale)')
+  ax.set_ylabel('accuracy (%)')
+  ax.set_ylim(-2, 102)
+  ax.grid(alpha=0.3)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _robustness_table(results: dict) -> list[str]:
+  curves = _curves(results)
+  if not curves:
+    return ['(no attacks run)']
+  names = list(curves)
+  eps_all = sorted({e for pts in curves.values() for e, _ in pts})
+  lines = ['| eps | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+  for e in eps_all:
+    cells = [_pct(dict(curves[n]).get(e)) for n in names]
+    lines.append(f'| {e:g} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def _sanity_lines(sanity: dict) -> list[str]:
+  if not sanity:
+    return ['(no sanity checks)']
+  failed = [k for k, v in sanity.items() if not v.get('passed', False)]
+  lines = []
+  if failed:
+    lines.append(f'**WARNING: {len(failed)} SANITY CHECK(S) FAILED: {", ".join(failed)}. '
+                 'Do not trust the robustness numbers above until this is explained.**')
+    lines.append('')
+  lines += ['| check | passed | value | what |', '|---|---|---|---|']
+  for k, v in sanity.items():
+    val = v.get('value')
+    val = f'{val:.4g}' if isinstance(val, (int, float)) else str(val)
+    lines.append(f'| {k} | {"yes" if v.get("passed") else "**NO**"} | {val} | {v.get("detail", "")} |')
+  return lines
+
+
+def _geometry_lines(geometry: dict) -> list[str]:
+  iso = geometry.get('isometry')
+  if not iso:
+    return []
+  lines = ['## Isometry diagnostics (test data, within class, mean over classes)', '',
+           f'Mean within-class input distance: {iso.get("mean_within_input_dist") or 0:.3f}', '',
+           '| layer | corr(K D(h), D(x)) | normalised stress | max D(x) / max D(h) | mean within-class D(h) |',
+           '|---|---|---|---|---|']
+  for l in iso['layers']:
+    lines.append(f'| {l["layer"]} | {l["correlation"]:.3f} | {l["stress"]:.3f} | {l["max_ratio"]:.3f} | '
+                 f'{l["mean_within_dist"]:.3f} |')
+  return lines + ['']
+
+
+def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
+  """report.md + accuracy_vs_eps.png for one model."""
+  workdir = pathlib.Path(workdir)
+  curves = _curves(results)
+  if curves:
+    plot_accuracy_vs_eps(workdir / 'accuracy_vs_eps.png', curves,
+                         f'{results.get("experiment", "")} {pathlib.Path(workdir).name}: accuracy vs eps')
+  t = results.get('timing', {})
+  lines = [f'# {results.get("experiment", "")} — {workdir.name}', '']
+  if results.get('smoke'):
+    lines += ['> SMOKE RUN: tiny data, few epochs and weakened attacks. These numbers test the code path only.', '']
+  lines += [f'- method: `{results["method"]}`, dataset: `{results["dataset"]}`, seed {results["seed"]}',
+            f'- clean accuracy: **{_pct(results["clean_accuracy"])}%** on the first {results["eval_examples"]} '
+            'test examples',
+            f'- training: {t.get("train_seconds", 0):.1f} s ({t.get("train_examples_per_second", 0):.0f} examples/s); '
+            f'evaluation: {t.get("eval_seconds", 0):.1f} s', '',
+            '## Accuracy (%) under attack', '', *_robustness_table(results), '',
+            '![accuracy vs eps](accuracy_vs_eps.png)', '', '## Sanity checks', '',
+            *_sanity_lines(results.get('sanity', {})), '', *_geometry_lines(results.get('geometry', {}))]
+  runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')
+
+
+def summary_table(member_results: dict[str, dict]) -> list[dict]:
+  """One row per member: clean accuracy and headline robust accuracy per eps."""
+  rows = []
+  for name, res in member_results.items():
+    attack = _headline_attack(res)
+    row = dict(name=name, clean_accuracy=res['clean_accuracy'], attack=attack,
+               robust={f'{e:g}': a for e, a in _curves(res).get(attack, [])})
+    for extra in ('fgsm', 'pgd'):
+      if extra in _curves(res) and extra != attack:
+        row[extra] = {f'{e:g}': a for e, a in _curves(res)[extra]}
+    failed = [k for k, v in res.get('sanity', {}).items() if not v.get('passed')]
+    row['sanity_failed'] = failed
+    iso = res.get('geometry', {}).get('isometry')
+    if iso and iso['layers']:
+      last = iso['layers'][-1]
+      row['isometry_last_layer'] = {k: last[k] for k in ('correlation', 'stress', 'max_ratio')}
+    rows.append(row)
+  return rows
+
+
+def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
+  """report.md + accuracy_vs_eps.png with one curve per member."""
+  workdir = pathlib.Path(workdir)
+  table = top['table']
+  series, fgsm_series = {}, {}
+  for name, res in member_results.items():
+    c = _curves(res)
+    attack = _headline_attack(res)
+    if attack:
+      series[name] = c[attack]
+    if 'fgsm' in c:
+      fgsm_series[name] = c['fgsm']
+  headline = table[0]['attack'] if table else 'worst_case'
+  plot_accuracy_vs_eps(workdir / 'accuracy_vs_eps.png', series,
+                       f'{top["experiment"]}: {headline} accuracy vs eps, one curve per model')
+  if fgsm_series:
+    plot_accuracy_vs_eps(workdir / 'fgsm_accuracy_vs_log_eps.png', fgsm_series,
+                         f'{top["experiment"]}: FGSM accuracy vs eps (log axis)', log_x=True)
+  eps_all = sorted({float(e) for r in table for e in r['robust']})
+  lines = [f'# {top["experiment"]}', '']
+  if top.get('smoke'):
+    lines += ['> SMOKE RUN: tiny data, few epochs and weakened attacks. These numbers test the code path only.', '']
+  first = next(iter(member_results.values()), {})
+  rob = first.get('robustness', [])
+  if rob:
+    r0 = max(rob, key=lambda r: r['steps'])
+    lines += [f'Evaluation: first {first.get("eval_examples")} test examples, {r0["norm"]} attacks '
+              f'({", ".join(sorted({r["attack"] for r in rob}))}), PGD {r0["steps"]} steps x '
+              f'{r0["restarts"]} restart(s). Headline column: `{headline}` (per-example worst case over '
+              'attacks when several run).', '']
+  lines += [f'## Accuracy (%): clean and `{headline}` per eps', '',
+            '| model | clean | ' + ' | '.join(f'eps={e:g}' for e in eps_all) + ' | sanity |',
+            '|---|---|' + '---|' * len(eps_all) + '---|']
+  for r in table:
+    cells = [_pct(r['robust'].get(f'{e:g}')) for e in eps_all]
+    sanity = 'ok' if not r['sanity_failed'] else '**FAILED: ' + ', '.join(r['sanity_failed']) + '**'
+    lines.append(f'| {r["name"]} | {_pct(r["clean_accuracy"])} | ' + ' | '.join(cells) + f' | {sanity} |')
+  lines += ['', '![accuracy vs eps](accuracy_vs_eps.png)', '']
+  if any('fgsm' in r or r['attack'] == 'fgsm' for r in table):
+    fg_eps = sorted({float(e) for r in table for e in (r.get('fgsm') or {})})
+    if fg_eps:
+      lines += ['## FGSM accuracy (%)', '', '| model | ' + ' | '.join(f'{e:g}' for e in fg_eps) + ' |',
+                '|---|' + '---|' * len(fg_eps)]
+      for r in table:
+        lines.append(f'| {r["name"]} | ' + ' | '.join(_pct((r.get('fgsm') or {}).get(f'{e:g}')) for e in fg_eps)
+                     + ' |')
+      lines += ['', '![FGSM accuracy vs log eps](fgsm_accuracy_vs_log_eps.png)', '']
+  if any('isometry_last_layer' in r for r in table):
+    lines += ['## Isometry of the last hidden layer (test data, within class)', '',
+              '| model | corr(K D(h), D(x)) | normalised stress | max D(x)/max D(h) |', '|---|---|---|---|']
+    for r in table:
+      iso = r.get('isometry_last_layer')
+      if iso:
+        lines.append(f'| {r["name"]} | {iso["correlation"]:.3f} | {iso["stress"]:.3f} | {iso["max_ratio"]:.3f} |')
+    lines.append('')
+  lines += ['## Members', ''] + [f'- [{r["name"]}]({r["name"]}/report.md)' for r in top['runs']]
+  runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')

@@ -1,0 +1,85 @@
+"""Run an experiment: train, checkpoint, evaluate, report.
+
+  python launch.py --list
+  python launch.py --experiment=isometric_mnist --data_dir=../shared/data
+  python launch.py --experiment=isometric_mnist --config.train.epochs=10 --config.only=ce,beta_0.1
+  python launch.py --experiment=isometric_mnist --smoke          # sub-minute CPU run of the whole path
+  python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
+  python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate, no retraining
+
+Any config field can be overridden with --config.a.b=value (type-checked).
+Rerunning the same command on the same --workdir resumes where it stopped.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_string('experiment', None, 'Experiment name (a file in experiments/); see --list.')
+flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<experiment>, or runs/<experiment>_smoke).')
+flags.DEFINE_string('data_dir', None, 'Folder with the canonical dataset files (or one sub-folder per '
+                    'dataset), e.g. ../shared/data. Default: $GEOMROBUST_DATA_DIR, then tfds, then download.')
+flags.DEFINE_bool('list', False, 'List the experiments, one line each, and exit.')
+flags.DEFINE_bool('smoke', False, 'Shrink the experiment to a sub-minute CPU run through the whole path.')
+flags.DEFINE_bool('show_config', False, 'Print the resolved config (after overrides) and exit.')
+flags.DEFINE_string('evaluate', None, 'Re-evaluate the trained run(s) in this workdir with the current eval '
+                    'config (--config.eval.* overrides apply); no retraining.')
+FLAGS = flags.FLAGS
+
+# Filled from sys.argv before absl parses it (absl does not know --config.*).
+_OVERRIDES = []
+
+
+def _fail(msg: str) -> None:
+  print(f'error: {msg}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
+  # Imported here so --help stays fast and errors above need no JAX.
+  from geomrobust import config as config_lib
+  from geomrobust import data as data_lib
+  from geomrobust import experiment as exp_lib
+  from geomrobust.training.loop import TrainingError
+
+  try:
+    if FLAGS.list:
+      for name in config_lib.list_experiments():
+        print(f'{name:28s} {config_lib.experiment_summary(name)}')
+      return
+    if FLAGS.evaluate:
+      bad = [k for k, _ in _OVERRIDES if not k.startswith(('eval.', 'parallel.'))]
+      if bad:
+        _fail(f'--evaluate only takes --config.eval.* / --config.parallel.* overrides, not {bad[0]!r}')
+      exp_lib.evaluate_workdir(FLAGS.evaluate, _OVERRIDES, FLAGS.data_dir)
+      return
+    if not FLAGS.experiment:
+      _fail('pass --experiment=NAME (see --list) or --evaluate=WORKDIR')
+    config = config_lib.load_experiment(FLAGS.experiment)
+    config = config_lib.apply_overrides(config, _OVERRIDES)
+    if FLAGS.smoke:
+      config = config_lib.smoke(config)
+    if FLAGS.show_config:
+      print(config_lib.to_json(config))
+      return
+    workdir = FLAGS.workdir or f'runs/{FLAGS.experiment}{"_smoke" if FLAGS.smoke else ""}'
+    exp_lib.run_experiment(config, workdir, FLAGS.data_dir)
+  except (config_lib.ConfigError, data_lib.DataError, TrainingError, ValueError, FileNotFoundError) as e:
+    _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def run():
+  global _OVERRIDES
+  from geomrobust.config import ConfigError, split_override_args
+  try:
+    argv, _OVERRIDES = split_override_args(sys.argv)
+  except ConfigError as e:
+    _fail(str(e))
+  app.run(main, argv=argv)
+
+
+if __name__ == '__main__':
+  run()
