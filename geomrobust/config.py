@@ -291,7 +291,7 @@ def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, m
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks data, epochs and evaluation; keeps every code path (and member).
+  """Shrinks data, epochs, evaluation and the member list; keeps every code path.
 
   An experiment may refine this with ``config.smoke``, a tuple of
   ``(key, value)`` override pairs applied last.
@@ -307,6 +307,9 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.pgd_steps = min(config.eval.pgd_steps, 5)
     config.eval.pgd_restarts = min(config.eval.pgd_restarts, 1)
     config.smoke_run = True
+    if config.get('members') and not config.get('only'):
+      # Members differ in hyperparameters, not code: two of them cover the path.
+      config.only = ','.join(parse_member(m)[0] for m in config.members[:2])
   for key, value in (config.get('smoke') or ()):
     apply_override(config, key, value)
   return config

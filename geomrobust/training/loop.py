@@ -247,7 +247,8 @@ def train(method: base.Method, train_images, train_labels, test_images, test_lab
     if p_end <= start or phase.epochs == 0:
       continue
     if state is not None:
-      params = state.params
+      # Take the live arrays of the last epoch's output (its inputs were donated).
+      params, hparams = state.params, state.hparams
     elif start > p_start:
       # Resuming inside this phase: the checkpoint holds its optimiser state.
       tx = phase_optimizer(phase, params, tcfg, steps_per_epoch)

@@ -1,0 +1,88 @@
+"""Experiment registry, --config overrides, members and smoke."""
+
+import pytest
+
+from geomrobust import config as config_lib
+
+
+def test_every_experiment_loads_and_has_a_documented_command():
+  names = config_lib.list_experiments()
+  assert 'isometric_mnist' in names
+  for name in names:
+    cfg = config_lib.load_experiment(name)
+    assert cfg.experiment == name
+    doc = config_lib.experiment_doc(name)
+    assert 'COMMAND' in doc and 'launch.py' in doc, name
+    assert 'RUNTIME' in doc and 'EXPECTED' in doc, name
+
+
+def test_unknown_experiment_lists_available():
+  with pytest.raises(config_lib.ConfigError, match="unknown experiment 'nope'.*isometric_mnist"):
+    config_lib.load_experiment('nope')
+
+
+@pytest.mark.parametrize('key,text,expected', [
+    ('train.epochs', '7', 7),
+    ('train.lr', '3', 3.0),          # int literal accepted for a float field
+    ('train.lr', '1e-2', 0.01),
+    ('model.hidden', '10,20', (10, 20)),
+    ('model.hidden', '(4, 5, 6)', (4, 5, 6)),
+    ('model.hidden', '8', (8,)),
+    ('data.verify', 'false', False),
+    ('data.verify', 'True', True),
+    ('model.activation', 'relu', 'relu'),
+    ('eval.eps', '0,0.1', (0.0, 0.1)),
+])
+def test_override_types(key, text, expected):
+  cfg = config_lib.apply_overrides(config_lib.load_experiment('isometric_mnist'), [(key, text)])
+  node = cfg
+  for part in key.split('.'):
+    node = node[part]
+  assert node == expected and type(node) is type(expected)
+
+
+def test_override_errors_are_one_actionable_line():
+  cfg = config_lib.load_experiment('isometric_mnist')
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'train.epoch'; valid keys: .*train\.epochs"):
+    config_lib.apply_overrides(cfg, [('train.epoch', '3')])
+  with pytest.raises(config_lib.ConfigError, match=r"bad value 'abc' for --config.train.epochs: expected an integer"):
+    config_lib.apply_overrides(cfg, [('train.epochs', 'abc')])
+  with pytest.raises(config_lib.ConfigError, match='expected an integer'):
+    config_lib.apply_overrides(cfg, [('train.epochs', '2.5')])
+  with pytest.raises(config_lib.ConfigError, match='expected true or false'):
+    config_lib.apply_overrides(cfg, [('data.verify', 'maybe')])
+  with pytest.raises(config_lib.ConfigError, match="is a group"):
+    config_lib.apply_overrides(cfg, [('train', '3')])
+  with pytest.raises(config_lib.ConfigError, match='needs a value'):
+    config_lib.split_override_args(['launch.py', '--config.train.epochs'])
+  for exc in (config_lib.ConfigError('x'),):
+    assert '\n' not in str(exc)
+
+
+def test_split_override_args_keeps_other_flags():
+  rest, overrides = config_lib.split_override_args(['l.py', '--experiment=x', '--config.a.b=1', '--smoke'])
+  assert rest == ['l.py', '--experiment=x', '--smoke'] and overrides == [('a.b', '1')]
+
+
+def test_members_expand_in_order_with_typed_overrides():
+  cfg = config_lib.load_experiment('isometric_mnist')
+  members = config_lib.member_configs(cfg)
+  names = [m[0] for m in members]
+  assert names[0] == 'ce' and len(names) == len(set(names)) == len(cfg.members)
+  by_name = {n: c for n, _, c in members}
+  assert by_name['ce'].method.beta == 0.0
+  assert by_name['beta_1e-1_k10'].method.beta == 0.1 and by_name['beta_1e-1_k10'].method.k == 10.0
+  assert all(c.members == () for c in by_name.values())
+  only = config_lib.apply_overrides(cfg, [('only', 'beta_1,ce')])
+  assert [m[0] for m in config_lib.member_configs(only)] == ['ce', 'beta_1']
+  with pytest.raises(config_lib.ConfigError, match="unknown member 'zzz'"):
+    config_lib.member_configs(config_lib.apply_overrides(cfg, [('only', 'zzz')]))
+  with pytest.raises(config_lib.ConfigError, match='unknown config key'):
+    config_lib.member_configs(config_lib.apply_overrides(cfg, [('members', 'x: method.nope=1')]))
+
+
+def test_smoke_shrinks_but_keeps_the_path():
+  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
+  assert cfg.smoke_run and cfg.train.epochs <= 2 and cfg.eval.num_examples <= 64
+  assert cfg.data.train_examples <= 512 and cfg.eval.pgd_steps >= 1
+  assert len(config_lib.member_configs(cfg)) >= 2
