@@ -87,6 +87,16 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
         'or delete that folder to start over')
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (before data or training) on unknown names and bad combinations."""
+  num_classes = data_lib.get_spec(config.dataset).num_classes
+  method = _build(config, num_classes)
+  method.phases()
+  evaluation.recipes(config.eval)
+  if int(config.train.batch_size) <= 0 or int(config.train.epochs) < 0:
+    raise config_lib.ConfigError('train.batch_size must be positive and train.epochs non-negative')
+
+
 def _build(config: ml_collections.ConfigDict, num_classes: int):
   model = models.build_model(config.model, num_classes)
   return methods.build_method(config, model, num_classes)
@@ -159,6 +169,8 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   workdir = pathlib.Path(workdir)
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
   members = config_lib.member_configs(config)
+  for _, _, cfg in members:
+    validate(cfg)
   if len(members) == 1 and members[0][0] == '':
     return train_and_evaluate(members[0][2], workdir, data_dir, log=log)
   workdir.mkdir(parents=True, exist_ok=True)

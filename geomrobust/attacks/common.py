@@ -77,8 +77,11 @@ def run_restarts(run_one: Callable[[jax.Array], Best], x: jax.Array, rng: jax.Ar
   """
   if restarts < 1:
     raise ValueError(f'need at least one restart, got {restarts}')
-  return jax.lax.fori_loop(0, restarts, lambda r, best: merge_best(best, run_one(jax.random.fold_in(rng, r))),
-                           init_best(x))
+
+  def body(r, best):
+    return merge_best(best, run_one(jax.random.fold_in(rng, r)))
+
+  return jax.lax.fori_loop(0, restarts, body, init_best(x))
 
 
 def as_input(x) -> jax.Array:

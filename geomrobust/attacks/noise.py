@@ -37,4 +37,5 @@ def random_noise(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf'
 def gaussian_noise(x, rng, std) -> jax.Array:
   """``clip(x + std * N(0, I), 0, 1)``, same shape as x [B, ...]; std may be traced."""
   x = jnp.asarray(x)
-  return jnp.clip(x + jnp.asarray(std, x.dtype) * jax.random.normal(rng, x.shape, x.dtype), 0.0, 1.0)
+  noise = jax.random.normal(rng, x.shape, x.dtype)
+  return jnp.clip(x + jnp.asarray(std, x.dtype) * noise, 0.0, 1.0)

@@ -1,0 +1,142 @@
+"""Benchmarks: ``python -m geomrobust.bench``. Prints numbers; asserts nothing.
+
+Training throughput of the compiled epoch (lax.scan over all steps, data on
+the device, one dispatch per epoch) for the isometric MLP and a wide MLP
+(784-1000-1000-10, batch 128), the FLOP/s the wide MLP's train step achieves,
+and the FLOP/s of plain jitted matmuls of the *same GEMM shapes* (the forward
+and backward products of that MLP, nothing else) measured in the same run:
+their ratio says how close the whole step (gather, activations, loss, Adam)
+comes to the matmul roofline of this machine. Report the ratio, not absolute
+times: machines here are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from geomrobust import config as config_lib
+from geomrobust import models
+from geomrobust import parallel
+from geomrobust.methods import build_method
+from geomrobust.training import loop
+
+
+def _best_time(fn, repeats: int) -> float:
+  """Minimum wall time of ``fn()`` (which must block) over ``repeats`` calls."""
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def _mlp_config(hidden, batch, method, activation):
+  cfg = config_lib.default_config()
+  cfg.model = ml_collections.ConfigDict(dict(name='mlp', hidden=tuple(hidden), activation=activation,
+                                             weight_init='torch', use_bias=True))
+  cfg.method = ml_collections.ConfigDict(dict(name=method, beta=0.1, k=1.0, levels=(), depth_per_level=1,
+                                              min_sq_dist=1e-12))
+  cfg.train.batch_size = batch
+  return cfg
+
+
+def train_epoch_benchmark(hidden, batch, method='standard', activation='relu', n_train=60000, repeats=3):
+  """Seconds per compiled epoch on random MNIST-shaped data (best of ``repeats``)."""
+  cfg = _mlp_config(hidden, batch, method, activation)
+  mesh = parallel.make_mesh(0)
+  m = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  (phase,) = m.phases()
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, size=(n_train, 28, 28, 1), dtype=np.uint8)
+  y = rng.integers(0, 10, size=(n_train,)).astype(np.int32)
+  steps = n_train // batch
+  params = m.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  tx = loop.phase_optimizer(phase, params, cfg.train, steps)
+  epoch = loop.compile_epoch(loop.make_epoch(loop.make_train_step(phase.loss_fn, tx), batch, steps, mesh), mesh)
+  rep = parallel.replicated(mesh)
+  state = jax.device_put(loop.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                                         hparams=m.hparams()), rep)
+  x, y = jax.device_put((x, y), rep)
+  holder = {'state': state, 'i': 0}
+
+  def run():
+    holder['state'], metrics = epoch(holder['state'], x, y, jax.random.key(holder['i']))
+    holder['i'] += 1
+    jax.block_until_ready(metrics)
+
+  run()  # compile
+  return _best_time(run, repeats), steps
+
+
+def mlp_train_flops(sizes, batch) -> float:
+  """Matmul FLOPs of one train step: forward (2BKN) + two backward GEMMs per
+  layer (dX: 2BKN, dW: 2BKN), the first layer's dX excluded (no gradient to x)."""
+  total = 0.0
+  for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:])):
+    total += 2 * batch * k * n * (3 if i else 2)
+  return total
+
+
+def matmul_roofline(sizes, batch, steps, repeats=3) -> float:
+  """FLOP/s of a jitted scan doing exactly the train step's GEMMs, ``steps``
+  times, with fresh operands per step (so nothing is hoisted)."""
+  key = jax.random.key(1)
+  ws = [jax.random.normal(jax.random.fold_in(key, i), (k, n)) / np.sqrt(k)
+        for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:]))]
+  xs = jax.random.normal(key, (steps, batch, sizes[0]))
+
+  @jax.jit
+  def gemms(ws, xs):
+    def body(acc, x):
+      h, hs = x, []
+      for w in ws:                      # forward: [B,K] @ [K,N]
+        hs.append(h)
+        h = h @ w
+      g = h
+      for i in reversed(range(len(ws))):
+        acc = acc + (hs[i].T @ g).sum()  # dW: [K,B] @ [B,N]
+        if i:
+          g = g @ ws[i].T                # dX: [B,N] @ [N,K]
+      return acc, None
+    return jax.lax.scan(body, jnp.float32(0), xs)[0]
+
+  jax.block_until_ready(gemms(ws, xs))
+  t = _best_time(lambda: jax.block_until_ready(gemms(ws, xs)), repeats)
+  return mlp_train_flops(sizes, batch) * steps / t
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=3, help='timed repetitions (best is reported)')
+  parser.add_argument('--n_train', type=int, default=60000, help='examples per benchmark epoch')
+  args = parser.parse_args(argv)
+  dev = jax.devices()
+  print(f'devices: {len(dev)} x {dev[0].platform} ({dev[0].device_kind}); host cores: {os.cpu_count()}')
+
+  t, steps = train_epoch_benchmark((100,) * 5, 100, method='isometric', activation='tanh',
+                                   n_train=args.n_train, repeats=args.repeats)
+  print(f'isometric MLP 784-100x5-10 (tanh, beta>0), batch 100: {steps * 100 / t:,.0f} examples/s '
+        f'({t:.2f} s per epoch of {steps} steps, one dispatch per epoch)')
+
+  sizes, batch = (784, 1000, 1000, 10), 128
+  t, steps = train_epoch_benchmark(sizes[1:-1], batch, method='standard', activation='relu',
+                                   n_train=args.n_train, repeats=args.repeats)
+  step_flops = mlp_train_flops(sizes, batch) * steps / t
+  print(f'wide MLP 784-1000-1000-10 (relu, CE, Adam), batch 128: {steps * batch / t:,.0f} examples/s '
+        f'({t:.2f} s per epoch of {steps} steps)')
+  roof = matmul_roofline(sizes, batch, steps, repeats=args.repeats)
+  print(f'wide MLP train step: {step_flops / 1e9:.1f} GFLOP/s (matmul FLOPs)')
+  print(f'plain jitted matmuls, same GEMM shapes: {roof / 1e9:.1f} GFLOP/s')
+  print(f'ratio train step / matmul roofline: {step_flops / roof:.3f} (target >= 0.90)')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,132 @@
+"""launch.py end to end: every experiment with --smoke, and every error path."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import geomrobust
+from geomrobust import config as config_lib
+from geomrobust import experiment
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def launch(*args, env=None, timeout=600):
+  full_env = dict(os.environ, ABSL_MIN_LOG_LEVEL='1', GEOMROBUST_OFFLINE='1', **(env or {}))
+  return subprocess.run([sys.executable, str(REPO / 'launch.py'), *args], cwd=REPO, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _error_line(proc):
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_list_prints_one_line_per_experiment():
+  proc = launch('--list')
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == len(config_lib.list_experiments())
+  assert any(l.startswith('isometric_mnist') for l in lines)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--experiment=nope'], "unknown experiment 'nope'; available: "),
+    (['--experiment=isometric_mnist', '--config.train.epoch=3'], "unknown config key 'train.epoch'; valid keys:"),
+    (['--experiment=isometric_mnist', '--config.train.epochs=many'], 'expected an integer'),
+    (['--experiment=isometric_mnist', '--config.train.epochs'], 'needs a value'),
+    (['--experiment=isometric_mnist', '--config.method.name=magic', '--smoke'], "unknown method 'magic'"),
+    (['--experiment=isometric_mnist', '--config.dataset=imagenet', '--smoke'], "unknown dataset 'imagenet'"),
+    ([], 'pass --experiment=NAME'),
+    (['--evaluate=/nonexistent/run'], 'no trained run'),
+])
+def test_cli_errors_are_one_line_and_nonzero(args, message, tmp_path):
+  proc = launch(*args, f'--workdir={tmp_path}/w', '--data_dir=' + str(tmp_path))
+  assert message in _error_line(proc)
+
+
+def test_missing_data_says_which_files_and_where(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  proc = launch('--experiment=isometric_mnist', '--smoke', f'--data_dir={empty}', f'--workdir={tmp_path}/w',
+                env={'GEOMROBUST_CACHE_DIR': str(tmp_path / 'cache')})
+  line = _error_line(proc)
+  assert 'train-images-idx3-ubyte.gz' in line and '--data_dir' in line
+  assert not (tmp_path / 'w' / 'results.json').exists()
+
+
+def test_changed_config_on_an_existing_workdir_is_refused(shared_data_dir, tmp_path):
+  # A completed tiny run, then the same workdir with another learning rate.
+  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
+  cfg.only = 'ce'
+  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+  before = (tmp_path / 'ce' / 'results.json').read_text()
+  proc = launch('--experiment=isometric_mnist', '--smoke', '--config.only=ce', '--config.train.lr=0.5',
+                f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
+  assert 'holds a run with a different config (train.lr' in _error_line(proc)
+  assert (tmp_path / 'ce' / 'results.json').read_text() == before  # nothing good overwritten
+
+
+@pytest.mark.parametrize('name', config_lib.list_experiments())
+def test_every_experiment_runs_with_smoke(name, shared_data_dir, tmp_path):
+  proc = launch(f'--experiment={name}', '--smoke', f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  top = json.loads((tmp_path / 'results.json').read_text())
+  assert top['experiment'] == name and top['smoke'] is True
+  assert (tmp_path / 'report.md').exists() and (tmp_path / 'accuracy_vs_eps.png').stat().st_size > 1000
+  members = [r['name'] for r in top.get('runs', [])] or [None]
+  for member in members:
+    res = json.loads(((tmp_path / member) if member else tmp_path).joinpath('results.json').read_text())
+    for key in ('experiment', 'method', 'dataset', 'seed', 'clean_accuracy', 'robustness', 'eval_examples',
+                'sanity', 'geometry', 'timing'):
+      assert key in res, key
+    assert 0.0 <= res['clean_accuracy'] <= 1.0
+    for row in res['robustness']:
+      assert set(row) >= {'attack', 'norm', 'eps', 'steps', 'restarts', 'eot', 'accuracy'}
+  # Rerunning the finished experiment trains nothing and keeps the results.
+  again = launch(f'--experiment={name}', '--smoke', f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
+  assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
+
+
+def test_load_run_gives_a_pure_jax_classifier(shared_data_dir, tmp_path):
+  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
+  cfg.only = 'ce,beta_1e-3'
+  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+  with pytest.raises(ValueError, match='holds several models.*ce, beta_1e-3'):
+    geomrobust.load_run(tmp_path)
+  run = geomrobust.load_run(tmp_path, 'ce')
+  assert run.config.method.beta == 0.0 and run.epoch == cfg.train.epochs
+  from geomrobust import data
+  ds = data.load_dataset('mnist', shared_data_dir)
+  x = data.to_float(ds.test_images[:64])
+  logits = jax.jit(run.logits)(x)
+  assert logits.shape == (64, 10)
+  # The same classifier the evaluation measured.
+  acc = float((np.argmax(logits, -1) == ds.test_labels[:64]).mean())
+  assert acc == pytest.approx(run.results['clean_accuracy'])
+  g = jax.grad(lambda x: run.logits(x)[:, 0].sum())(x)  # differentiable in x (attack tools need it)
+  assert g.shape == x.shape
+
+
+def test_evaluate_reuses_the_trained_run(shared_data_dir, tmp_path):
+  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
+  cfg.only = 'ce'
+  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+  proc = launch(f'--evaluate={tmp_path}', '--config.eval.eps=0,0.2', '--config.eval.attacks=pgd',
+                f'--data_dir={shared_data_dir}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'epoch' not in proc.stdout  # no training
+  res = json.loads((tmp_path / 'ce' / 'results.json').read_text())
+  assert sorted({r['eps'] for r in res['robustness']}) == [0.0, 0.2]
+  assert {r['attack'] for r in res['robustness']} == {'pgd'}
+  proc = launch(f'--evaluate={tmp_path}', '--config.train.lr=1')
+  assert 'only takes --config.eval' in _error_line(proc)
