@@ -137,11 +137,12 @@ def evaluate_method(method: methods.Method, params, data: Data, config, mesh, *,
   geo_n = min(len(data.eval_labels), 2000)  # Pairwise geometry is O(n^2) per class.
   geometry = method.geometry(params, x[:geo_n], data.eval_labels[:geo_n])
   ev['timing']['geometry_seconds'] = time.perf_counter() - t0
+  paper = method.paper_evaluation(params, x, data.eval_labels, config)
   return dict(
       experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
       seed=int(config.seed), clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
       eval_examples=ev['eval_examples'], sanity=ev['sanity'], geometry=geometry, timing=ev['timing'],
-      masks=ev['masks'], smoke=bool(config.get('smoke_run', False)))
+      paper_evaluation=paper, masks=ev['masks'], smoke=bool(config.get('smoke_run', False)))
 
 
 def write_results(workdir: pathlib.Path, config, results: dict) -> None:
@@ -172,6 +173,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   for _, _, cfg in members:
     validate(cfg)
   if len(members) == 1 and members[0][0] == '':
+    done = workdir / 'results.json'
+    if done.exists():
+      check_workdir_config(workdir, members[0][2])
+      log(f'already done: {done} (use --evaluate={workdir} to re-evaluate)')
+      return runio.read_json(done)
     return train_and_evaluate(members[0][2], workdir, data_dir, log=log)
   workdir.mkdir(parents=True, exist_ok=True)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
@@ -184,7 +190,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     done = sub / 'results.json'
     if done.exists():
       check_workdir_config(sub, cfg)
-      log(f'{tag}already done: {done}')
+      log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
       if data is None or cfg.data.to_dict() != members[0][2].data.to_dict():

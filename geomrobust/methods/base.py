@@ -86,6 +86,12 @@ class Method:
   def phases(self) -> list[Phase]:
     raise NotImplementedError
 
+  def paper_evaluation(self, params: Params, images: jax.Array, labels: jax.Array, config) -> dict:
+    """Extra numbers in a paper's own protocol (JSON-able), reported *beside*
+    the shared evaluation, never instead of it. ``images`` float32 [N, ...]."""
+    del params, images, labels, config
+    return {}
+
   def geometry(self, params: Params, images: jax.Array, labels: jax.Array) -> dict:
     """Method-specific geometric diagnostics on test data (JSON-able dict)."""
     del params, images, labels

@@ -133,6 +133,8 @@ def summary_table(member_results: dict[str, dict]) -> list[dict]:
     attack = _headline_attack(res)
     row = dict(name=name, clean_accuracy=res['clean_accuracy'], attack=attack,
                robust={f'{e:g}': a for e, a in _curves(res).get(attack, [])})
+    for row_ in (res.get('paper_evaluation') or {}).get('fgsm_train_loss', []):
+      row.setdefault('fgsm_train_loss', {})[f'{row_["eps"]:g}'] = row_['accuracy']
     for extra in ('fgsm', 'pgd'):
       if extra in _curves(res) and extra != attack:
         row[extra] = {f'{e:g}': a for e, a in _curves(res)[extra]}
@@ -193,6 +195,16 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
         lines.append(f'| {r["name"]} | ' + ' | '.join(_pct((r.get('fgsm') or {}).get(f'{e:g}')) for e in fg_eps)
                      + ' |')
       lines += ['', '![FGSM accuracy vs log eps](fgsm_accuracy_vs_log_eps.png)', '']
+  if any('fgsm_train_loss' in r for r in table):
+    tl_eps = sorted({float(e) for r in table for e in (r.get('fgsm_train_loss') or {})})
+    lines += ["## The authors' FGSM: one step on the full training loss (CE + beta * iso), accuracy (%)", '',
+              'Batches of train.batch_size test images, D(x) of the clean batch fixed. A paper-protocol number '
+              'beside the shared evaluation above, not a substitute for it.', '',
+              '| model | ' + ' | '.join(f'{e:g}' for e in tl_eps) + ' |', '|---|' + '---|' * len(tl_eps)]
+    for r in table:
+      lines.append(f'| {r["name"]} | ' + ' | '.join(_pct((r.get('fgsm_train_loss') or {}).get(f'{e:g}'))
+                                                    for e in tl_eps) + ' |')
+    lines.append('')
   if any('isometry_last_layer' in r for r in table):
     lines += ['## Isometry of the last hidden layer (test data, within class)', '',
               '| model | corr(K D(h), D(x)) | normalised stress | max D(x)/max D(h) |', '|---|---|---|---|']
