@@ -5,6 +5,7 @@
   python launch.py --experiment=isometric_mnist --config.train.epochs=10 --config.only=ce,beta_0.1
   python launch.py --experiment=isometric_mnist --smoke          # sub-minute CPU run of the whole path
   python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
+  python launch.py --experiment=madry_mnist --setting=full        # a named setting (paper-sized run)
   python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate, no retraining
 
 Any config field can be overridden with --config.a.b=value (type-checked).
@@ -15,12 +16,15 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 flags.DEFINE_string('experiment', None, 'Experiment name (a file in experiments/); see --list.')
 flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<experiment>, or runs/<experiment>_smoke).')
 flags.DEFINE_string('data_dir', None, 'Folder with the canonical dataset files (or one sub-folder per '
                     'dataset), e.g. ../shared/data. Default: $GEOMROBUST_DATA_DIR, then tfds, then download.')
 flags.DEFINE_bool('list', False, 'List the experiments, one line each, and exit.')
+flags.DEFINE_string('setting', None, 'A named setting of the experiment (e.g. full: the paper-sized run for '
+                    'accelerators); --show_config lists them under "settings".')
 flags.DEFINE_bool('smoke', False, 'Shrink the experiment to a sub-minute CPU run through the whole path.')
 flags.DEFINE_bool('show_config', False, 'Print the resolved config (after overrides) and exit.')
 flags.DEFINE_string('evaluate', None, 'Re-evaluate the trained run(s) in this workdir with the current eval '
@@ -39,6 +43,10 @@ def _fail(msg: str) -> None:
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}; flags are --name=value')
+  if not FLAGS['verbosity'].present:
+    # Orbax and XLA log every checkpoint step at INFO; the progress lines are
+    # ours. --verbosity=0 brings their logs back.
+    logging.set_verbosity(logging.WARNING)
   # Imported here so --help stays fast and errors above need no JAX.
   from geomrobust import config as config_lib
   from geomrobust import data as data_lib
@@ -59,6 +67,8 @@ def main(argv):
     if not FLAGS.experiment:
       _fail('pass --experiment=NAME (see --list) or --evaluate=WORKDIR')
     config = config_lib.load_experiment(FLAGS.experiment)
+    if FLAGS.setting:
+      config = config_lib.apply_setting(config, FLAGS.setting)
     config = config_lib.apply_overrides(config, _OVERRIDES)
     if FLAGS.smoke:
       config = config_lib.smoke(config)

@@ -3,10 +3,14 @@
 Beshkov et al. 2022 (see ../shared/papers/isometric.md). Seven models share
 every line of code: plain CE (beta = 0), beta in {1e-3, 1e-2, 1e-1, 1, 10}
 with K = 1, and (beta = 0.1, K = 10). Network 784-100x5(tanh)-10, PyTorch
-uniform init, Adam 1e-3, batch 100, 5 epochs on the full 60k training set.
-Every model is evaluated on the full 10k test set by FGSM and PGD-40
-(2 restarts) at eps = 0 and logspace(-2, 0, 10) (the paper's FGSM grid),
-worst case per example, plus isometry diagnostics per hidden layer.
+uniform init, Adam 1e-3, batch 100, 10 epochs on the full 60k training set
+(the paper says 5; 5 left plain CE at 96.8%, short of the 97% a converged
+baseline reaches). Every model gets the shared strong evaluation (profile
+mnist_linf: FGSM, noise, PGD-CE and PGD-margin 100 steps x 5 restarts,
+APGD-CE, APGD-DLR; worst case per example; sanity checks) on the first 2,000
+test images at the paper's FGSM grid logspace(-2, 0, 10) up to eps = 0.36
+(beyond it every model is at 0%), the authors' own FGSM on the training
+loss at the whole grid, and isometry diagnostics per hidden layer.
 
 COMMAND:
   python launch.py --experiment=isometric_mnist --data_dir=../shared/data
@@ -29,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from geomrobust.config import default_config
+from geomrobust.evaluation import profiles
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -42,12 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 100
   c.train.optimizer = 'adam'
   c.train.lr = 1e-3
-  c.eval.num_examples = 0  # The full test set.
+  profiles.apply_profile(c.eval, 'mnist_linf')
+  c.eval.num_examples = 2000  # The strong profile on 10k x 7 models does not fit 20 CPU minutes.
   c.eval.batch_size = 1000
-  c.eval.eps = (0.0,) + tuple(float(f'{e:.4g}') for e in np.logspace(-2, 0, 10))
-  c.eval.attacks = ('fgsm', 'pgd')
-  c.eval.pgd_steps = 40
-  c.eval.pgd_restarts = 2
+  grid = tuple(float(f'{e:.4g}') for e in np.logspace(-2, 0, 10))
+  c.eval.eps = tuple(e for e in grid if e < 0.4)
+  c.eval.paper_eps = grid  # The authors' FGSM (cheap) runs on the whole grid.
   c.members = (
       'ce: method.beta=0',
       'beta_1e-3: method.beta=1e-3',

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from geomrobust.evaluation import profiles
+
 EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
 
 
@@ -49,18 +51,41 @@ def default_config() -> ml_collections.ConfigDict:
                        train.lr_decay (multiplier at each milestone).
   train.checkpoint_every  epochs between checkpoints (resume granularity).
   train.eval_every     epochs between clean test-accuracy logs (0 = never).
+  eval.profile         a named bundle of the attack fields below
+                       (``geomrobust.evaluation.profiles``: mnist_linf,
+                       cifar10_linf, l2, quick); --config.eval.profile=NAME
+                       applies it before other eval overrides.
   eval.num_examples    evaluate on the first N test examples (0 = all).
-  eval.batch_size      attack batch size.
+  eval.batch_size      attack batch size (examples per compiled chunk).
   eval.norm            linf | l2.
   eval.eps             the eps grid (pixel scale, inputs in [0,1]).
-  eval.attacks         attacks run at every eps (fgsm, pgd, ...).
-  eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (x eps/steps),
-  eval.pgd_loss        PGD settings.
+  eval.attacks         attacks run at every eps: fgsm, noise, pgd (CE),
+                       pgd_margin, pgd_dlr, apgd_ce, apgd_dlr. Robust accuracy
+                       is the per-example worst case over all of them.
+  eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (step = this x eps /
+                       steps)      PGD settings (all pgd_* attacks).
+  eval.apgd_steps, eval.apgd_restarts   APGD settings.
+  eval.noise_samples   random points on the eps-sphere per example (worst kept).
+  eval.eot_samples     gradient draws averaged per attack step for stochastic
+                       models (EOT); predictions vote over as many draws.
+  eval.sanity          run the extra attacks behind the sanity checks (eps = 0,
+                       a huge eps, doubled steps and restarts, another batch
+                       size; stochastic models: frozen noise, 2x EOT).
+  eval.large_eps       eps of the "huge eps drives accuracy to ~0" check
+                       (0 = 1.0 for linf, sqrt(input size) for l2).
+  eval.check_eps       eps of the doubled-budget and batch-size checks (0 =
+                       the grid eps whose worst-case accuracy is nearest half
+                       the clean accuracy, where a stronger attack shows most).
+  eval.trajectories    examples whose PGD loss per step is recorded (plot).
   eval.seed            attack randomness.
   parallel.num_devices data-parallel devices (0 = all local devices).
   parallel.distributed call jax.distributed.initialize() (multi-host).
   members              'name: key=value; ...' strings, for experiments that train a family.
   only                 comma-separated member names to run (empty = all).
+  settings             named bundles of overrides an experiment offers, e.g.
+                       ``{'full': ('train.epochs=100', ...)}``; ``--setting=full``
+                       applies one (before any ``--config.*`` override).
+  setting              the applied setting's name ('' = the default).
   """
   c = ml_collections.ConfigDict()
   c.experiment = ''
@@ -75,11 +100,15 @@ def default_config() -> ml_collections.ConfigDict:
       epochs=5, batch_size=100, optimizer='adam', lr=1e-3, momentum=0.9, weight_decay=0.0,
       lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1))
   c.eval = ml_collections.ConfigDict(dict(
-      num_examples=0, batch_size=500, norm='linf', eps=(0.0, 0.1, 0.2, 0.3), attacks=('fgsm', 'pgd'),
-      pgd_steps=40, pgd_restarts=1, pgd_step_size=2.5, pgd_loss='ce', seed=0))
+      profile='', num_examples=0, batch_size=500, norm='linf', eps=(0.1, 0.2, 0.3), attacks=(),
+      pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, noise_samples=0,
+      eot_samples=16, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
+  profiles.apply_profile(c.eval, 'mnist_linf')
   c.parallel = ml_collections.ConfigDict(dict(num_devices=0, distributed=False))
   c.members = ()
   c.only = ''
+  c.settings = ml_collections.ConfigDict()
+  c.setting = ''
   c.smoke_run = False
   return c
 
@@ -231,9 +260,37 @@ def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[tuple[str,
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
+  """Applies ``(key, text)`` overrides in order, except that ``eval.profile``
+  goes first: a profile is a bundle of eval fields, and explicit fields win."""
   config = copy.deepcopy(config)
+  overrides = sorted(overrides, key=lambda kv: kv[0] != 'eval.profile')  # Stable sort.
   for key, value in overrides:
-    apply_override(config, key, value)
+    if key == 'eval.profile':
+      try:
+        profiles.apply_profile(config.eval, value)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+    else:
+      apply_override(config, key, value)
+  return config
+
+
+def apply_setting(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Applies the experiment's named setting (``config.settings[name]``, a tuple
+  of ``'key=value'`` strings) and records it in ``config.setting``."""
+  settings = config.get('settings') or {}
+  if name not in settings:
+    available = ', '.join(settings) or 'none'
+    raise ConfigError(f'experiment {config.get("experiment", "")!r} has no setting {name!r}; available: {available}')
+  pairs = []
+  for item in settings[name]:
+    key, eq, value = str(item).partition('=')
+    if not eq:
+      raise ConfigError(f'setting {name!r}: {item!r} is not key=value')
+    pairs.append((key.strip(), value.strip()))
+  config = apply_overrides(config, pairs)
+  with config.unlocked():
+    config.setting = name
   return config
 
 
@@ -306,6 +363,11 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.batch_size = min(config.eval.batch_size, 64)
     config.eval.pgd_steps = min(config.eval.pgd_steps, 5)
     config.eval.pgd_restarts = min(config.eval.pgd_restarts, 1)
+    config.eval.apgd_steps = min(config.eval.apgd_steps, 5)
+    config.eval.apgd_restarts = min(config.eval.apgd_restarts, 1)
+    config.eval.noise_samples = min(config.eval.noise_samples, 2)
+    config.eval.eot_samples = min(config.eval.eot_samples, 2)
+    config.eval.trajectories = min(config.eval.trajectories, 4)
     config.smoke_run = True
     if config.get('members') and not config.get('only'):
       # Members differ in hyperparameters, not code: two of them cover the path.
@@ -313,6 +375,22 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key, value in (config.get('smoke') or ()):
     apply_override(config, key, value)
   return config
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+  """A stored config (``config.json``) with fields it predates filled from
+  ``default_config()``, so a run written by an older version can still be
+  loaded and re-evaluated. Stored values always win."""
+
+  def fill(into: dict, defaults: dict) -> dict:
+    for k, v in defaults.items():
+      if k not in into:
+        into[k] = v
+      elif isinstance(v, dict) and isinstance(into[k], dict):
+        fill(into[k], v)
+    return into
+
+  return ml_collections.ConfigDict(fill(copy.deepcopy(stored), default_config().to_dict()))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

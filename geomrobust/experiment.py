@@ -30,7 +30,7 @@ from geomrobust.runio import report
 from geomrobust.training import loop
 
 # Config sections that may change between a run and its resume/re-evaluation.
-_NOT_TRAINING_KEYS = ('eval', 'only', 'members', 'smoke', 'parallel')
+_NOT_TRAINING_KEYS = ('eval', 'only', 'members', 'smoke', 'parallel', 'settings', 'setting')
 
 
 @dataclasses.dataclass
@@ -92,7 +92,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   num_classes = data_lib.get_spec(config.dataset).num_classes
   method = _build(config, num_classes)
   method.phases()
-  evaluation.recipes(config.eval)
+  evaluation.recipes.resolve(config.eval)
   if int(config.train.batch_size) <= 0 or int(config.train.epochs) < 0:
     raise config_lib.ConfigError('train.batch_size must be positive and train.epochs non-negative')
 
@@ -129,9 +129,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def evaluate_method(method: methods.Method, params, data: Data, config, mesh, *, log=print, tag='') -> dict:
   """The shared evaluation plus the method's geometry, as a results dict."""
-  apply_fn = lambda p, x, rng: method.logits(p, x, rng)
   x = data_lib.to_float(data.eval_images)
-  ev = evaluation.evaluate(apply_fn, params, x, data.eval_labels, config.eval, mesh,
+  # The bound method is the same function for every model of this method
+  # object, so the evaluation's compiled attacks are reused across calls.
+  ev = evaluation.evaluate(method.logits, params, x, data.eval_labels, config.eval, mesh,
                            stochastic=method.stochastic, log=log, tag=tag)
   t0 = time.perf_counter()
   geo_n = min(len(data.eval_labels), 2000)  # Pairwise geometry is O(n^2) per class.
@@ -142,7 +143,8 @@ def evaluate_method(method: methods.Method, params, data: Data, config, mesh, *,
       experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
       seed=int(config.seed), clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
       eval_examples=ev['eval_examples'], sanity=ev['sanity'], geometry=geometry, timing=ev['timing'],
-      paper_evaluation=paper, masks=ev['masks'], smoke=bool(config.get('smoke_run', False)))
+      paper_evaluation=paper, convergence=ev['convergence'], masks=ev['masks'],
+      smoke=bool(config.get('smoke_run', False)))
 
 
 def write_results(workdir: pathlib.Path, config, results: dict) -> None:
@@ -168,6 +170,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   not retrained, so rerunning a killed experiment continues where it stopped.
   """
   workdir = pathlib.Path(workdir)
+  if config.get('sweep'):
+    # A vmapped hyperparameter sweep (one compiled program per grid): its own path.
+    from geomrobust import sweep_experiment
+    return sweep_experiment.run_sweep(config, workdir, data_dir, log=log)
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
   members = config_lib.member_configs(config)
   for _, _, cfg in members:
@@ -259,10 +265,14 @@ def load_run(workdir: str | pathlib.Path, member: str | None = None) -> Run:
   workdir = pathlib.Path(workdir)
   if member:
     workdir = workdir / member
+  from geomrobust import sweep_experiment
+  if sweep_experiment.is_member(workdir):
+    # A member of a vmapped sweep: its params are a slice of the stacked checkpoint.
+    return sweep_experiment.load_member(workdir)
   cfg_path = workdir / 'config.json'
   if not cfg_path.exists():
     raise FileNotFoundError(f'no run in {workdir} (config.json missing)')
-  config = ml_collections.ConfigDict(runio.read_json(cfg_path))
+  config = config_lib.with_defaults(runio.read_json(cfg_path))
   if not (workdir / 'checkpoints').exists():
     names = member_names(workdir)
     if names:
@@ -279,6 +289,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str
                      *, log=print) -> dict:
   """Re-evaluates a trained run (every member) with the current eval config."""
   workdir = pathlib.Path(workdir)
+  from geomrobust import sweep_experiment
+  if sweep_experiment.is_sweep(workdir):
+    return sweep_experiment.evaluate_sweep(workdir, eval_overrides, data_dir, log=log)
   names = [n for n in member_names(workdir) if (workdir / n / 'checkpoints').exists()] \
       if not (workdir / 'checkpoints').exists() else ['']
   if not names:

@@ -127,6 +127,7 @@ def test_evaluate_reuses_the_trained_run(shared_data_dir, tmp_path):
   assert 'epoch' not in proc.stdout  # no training
   res = json.loads((tmp_path / 'ce' / 'results.json').read_text())
   assert sorted({r['eps'] for r in res['robustness']}) == [0.0, 0.2]
-  assert {r['attack'] for r in res['robustness']} == {'pgd'}
+  # The sanity checks add FGSM and noise (iterative <= single-step <= noise).
+  assert {r['attack'] for r in res['robustness']} == {'pgd', 'fgsm', 'noise', 'worst_case'}
   proc = launch(f'--evaluate={tmp_path}', '--config.train.lr=1')
   assert 'only takes --config.eval' in _error_line(proc)

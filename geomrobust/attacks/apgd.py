@@ -67,7 +67,7 @@ class _State(NamedTuple):
 def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 100,
          restarts: int = 1, loss: str = 'ce', rho: float = 0.75, alpha: float = 0.75,
          random_start: bool = True, targeted: bool = False, target_labels=None,
-         eot_samples: int = 1) -> jax.Array:
+         eot_samples: int = 1, return_losses: bool = False):
   """APGD with per-example step sizes. x: [B, ...], labels: [B] -> x_adv [B, ...].
 
   Starts with step size ``2 * eps`` (both norms). Iteration k:
@@ -84,7 +84,8 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
   Returns, per example and over restarts, the best evaluated point: successful
   beats unsuccessful, then higher loss. ``eps`` may be traced; ``steps``,
   ``restarts``, ``norm``, ``loss``, ``rho``, ``alpha``, ``eot_samples`` are
-  static. The rng is used as in :func:`pgd`.
+  static. The rng is used as in :func:`pgd`. With ``return_losses`` it returns
+  ``(x_adv, losses [restarts, steps + 1, B])``, the loss of every iterate.
   """
   check_norm(norm)
   if steps < 0:
@@ -110,7 +111,8 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
         loss_max_at_check=out0.loss, reduced_at_check=jnp.zeros((batch,), bool),
         best=common.update_best(common.init_best(x), x0, out0.loss, goal.is_success(out0.probs)))
 
-    def body(i, s: _State) -> _State:
+    def body(i, carry):
+      s, losses = carry
       a = jnp.where(i == 0, 1.0, alpha).astype(x.dtype)
       z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm)
       x_next = project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm)
@@ -139,8 +141,12 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
           n_increase=jnp.where(check, 0.0, n_increase),
           loss_max_at_check=jnp.where(check, loss_max, s.loss_max_at_check),
           reduced_at_check=jnp.where(check, reduce, s.reduced_at_check),
-          best=best)
+          best=best), losses.at[i + 1].set(out.loss)
 
-    return jax.lax.fori_loop(0, steps, body, state).best
+    losses = jnp.zeros((steps + 1, batch), jnp.float32).at[0].set(out0.loss)
+    state, losses = jax.lax.fori_loop(0, steps, body, (state, losses))
+    return state.best, losses
 
-  return jax.lax.stop_gradient(common.run_restarts(run_one, x, rng, restarts).x)
+  best, losses = common.run_restarts(run_one, x, rng, restarts)
+  x_adv = jax.lax.stop_gradient(best.x)
+  return (x_adv, losses) if return_losses else x_adv

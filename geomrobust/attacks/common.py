@@ -31,9 +31,14 @@ class Goal(NamedTuple):
   is_success: Callable[[jax.Array], jax.Array]
 
 
-def make_goal(loss: str, labels, targeted: bool = False, target_labels=None) -> Goal:
-  """Binds the named loss and the success test to this batch's labels [B]."""
-  loss_fn = losses.get_loss(loss)
+def make_goal(loss, labels, targeted: bool = False, target_labels=None) -> Goal:
+  """Binds the loss and the success test to this batch's labels [B].
+
+  ``loss`` is a name in ``losses.LOSSES`` or a callable with the same
+  signature ``(logits [B, C], labels [B], target_labels=None) -> [B]`` (e.g.
+  TRADES' KL to the clean prediction, closed over that prediction).
+  """
+  loss_fn = loss if callable(loss) else losses.get_loss(loss)
   if targeted != (target_labels is not None):
     raise ValueError('targeted=True needs target_labels, and target_labels needs targeted=True')
   if targeted:
@@ -67,9 +72,14 @@ def merge_best(best: Best, other: Best) -> Best:
   return update_best(best, other.x, other.loss, other.success)
 
 
-def run_restarts(run_one: Callable[[jax.Array], Best], x: jax.Array, rng: jax.Array,
-                 restarts: int) -> Best:
+def run_restarts(run_one: Callable[[jax.Array], tuple[Best, jax.Array]], x: jax.Array, rng: jax.Array,
+                 restarts: int) -> tuple[Best, jax.Array]:
   """Runs ``run_one(fold_in(rng, r))`` for r < restarts sequentially, keeping the best.
+
+  ``run_one`` returns ``(best, trace)`` where ``trace`` is any per-restart
+  array (the attacks pass their loss per step, ``[steps + 1, B]``); the traces
+  come back stacked as ``[restarts, ...]``. They cost a few floats per step,
+  so attacks always keep them and return them only when asked.
 
   A ``fori_loop`` rather than a vmap keeps memory independent of ``restarts``.
   Restart 0 uses the same key for every ``restarts`` value, so restarts=n
@@ -77,11 +87,15 @@ def run_restarts(run_one: Callable[[jax.Array], Best], x: jax.Array, rng: jax.Ar
   """
   if restarts < 1:
     raise ValueError(f'need at least one restart, got {restarts}')
+  trace_shape = jax.eval_shape(run_one, rng)[1]
+  traces = jnp.zeros((restarts,) + trace_shape.shape, trace_shape.dtype)
 
-  def body(r, best):
-    return merge_best(best, run_one(jax.random.fold_in(rng, r)))
+  def body(r, carry):
+    best, traces = carry
+    new, trace = run_one(jax.random.fold_in(rng, r))
+    return merge_best(best, new), traces.at[r].set(trace)
 
-  return jax.lax.fori_loop(0, restarts, body, init_best(x))
+  return jax.lax.fori_loop(0, restarts, body, (init_best(x), traces))
 
 
 def as_input(x) -> jax.Array:

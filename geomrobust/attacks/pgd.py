@@ -26,7 +26,8 @@ def fgsm(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', loss: 
 
 def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 40,
         step_size=None, restarts: int = 1, loss: str = 'ce', random_start: bool = True,
-        targeted: bool = False, target_labels=None, eot_samples: int = 1) -> jax.Array:
+        targeted: bool = False, target_labels=None, eot_samples: int = 1,
+        return_losses: bool = False, x_init=None, return_last: bool = False):
   """Projected gradient ascent on ``loss`` inside the ``eps``-ball. x: [B, ...] -> [B, ...].
 
   Each restart starts at a uniform point of the ball (or at ``x`` when
@@ -43,6 +44,17 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
   into (start, model) keys; the evaluation of iterate ``i`` draws the model's
   noise from ``split(fold_in(model_key, i), eot_samples)``, so every step sees
   fresh draws and the verdict on an iterate uses the draws of its gradient.
+
+  Returns ``x_adv`` [B, ...], or ``(x_adv, losses)`` with ``return_losses``:
+  the attack loss of every iterate, ``[restarts, steps + 1, B]`` (the
+  convergence picture: a flat curve at the last steps means PGD converged).
+
+  Training-time options (adversarial training, e.g. ``methods/trades.py``):
+  ``x_init`` [B, ...] is the start of every restart instead of the uniform
+  random point (projected onto the ball around ``x`` and [0, 1] first; e.g.
+  TRADES' ``x + 0.001 * N(0, I)``). ``return_last=True`` returns the final
+  iterate instead of the best one, as Madry et al.'s and TRADES' training
+  code do (needs ``restarts=1``; no verdicts, so no extra forward pass).
   """
   check_norm(norm)
   if steps < 0:
@@ -55,20 +67,41 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
     step_size = 2.5 * jnp.asarray(eps, x.dtype) / max(steps, 1)
   step = expand_to(step_size, x)
 
+  def start(k_init):
+    if x_init is not None:
+      return project(jnp.asarray(x_init, x.dtype), x, eps, norm)
+    return project(x + random_init(k_init, x, eps, norm), x, eps, norm) if random_start else x
+
+  if return_last:
+    if restarts != 1 or return_losses:
+      raise ValueError('return_last=True takes restarts=1 and return_losses=False')
+    # The same keys as restart 0 below, so the iterates are the same.
+    k_init, k_model = jax.random.split(jax.random.fold_in(rng, 0))
+
+    def ascend(i, x_cur):
+      grad = value_and_grad(x_cur, jax.random.fold_in(k_model, i)).grad
+      return project(x_cur + step * step_direction(grad, norm), x, eps, norm)
+
+    return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, ascend, start(k_init)))
+
   def run_one(key):
     k_init, k_model = jax.random.split(key)
-    x0 = project(x + random_init(k_init, x, eps, norm), x, eps, norm) if random_start else x
+    x0 = start(k_init)
 
     def body(i, carry):
-      x_cur, best = carry
+      x_cur, best, losses = carry
       out = value_and_grad(x_cur, jax.random.fold_in(k_model, i))
       best = common.update_best(best, x_cur, out.loss, goal.is_success(out.probs))
       x_next = project(x_cur + step * step_direction(out.grad, norm), x, eps, norm)
-      return x_next, best
+      return x_next, best, losses.at[i].set(out.loss)
 
-    x_last, best = jax.lax.fori_loop(0, steps, body, (x0, common.init_best(x)))
+    losses = jnp.zeros((steps + 1, x.shape[0]), jnp.float32)
+    x_last, best, losses = jax.lax.fori_loop(0, steps, body, (x0, common.init_best(x), losses))
     # The last iterate needs no gradient, only a verdict.
     out = value(x_last, jax.random.fold_in(k_model, steps))
-    return common.update_best(best, x_last, out.loss, goal.is_success(out.probs))
+    best = common.update_best(best, x_last, out.loss, goal.is_success(out.probs))
+    return best, losses.at[steps].set(out.loss)
 
-  return jax.lax.stop_gradient(common.run_restarts(run_one, x, rng, restarts).x)
+  best, losses = common.run_restarts(run_one, x, rng, restarts)
+  x_adv = jax.lax.stop_gradient(best.x)
+  return (x_adv, losses) if return_losses else x_adv

@@ -9,6 +9,16 @@ trained one after another) are data, not control flow inside the loop.
 Shapes: ``batch = {'image': float32 [B, H, W, C] in [0,1], 'label': int32 [B]}``
 with B the per-step global batch; ``loss_fn(params, batch, rng, hparams)``
 returns ``(scalar loss, {name: scalar metric})``.
+
+BatchNorm: a model with mutable state (Flax ``batch_stats``) keeps it in
+``params['model_state']``, next to ``params['model']``; models without it
+have no such key. The state is not trained: the optimiser leaves it alone
+(``training.loop.phase_optimizer`` freezes it). A loss computes the new
+running statistics with :meth:`Method.apply_with_state` and returns them in
+its metrics under the reserved key ``'model_state'``; the train step pops
+them out and writes them into ``params['model_state']`` after the optimiser
+update. Evaluation (``apply(..., train=False)``, ``logits``) uses the running
+averages, so a prediction never depends on the rest of its batch.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import ml_collections
 import optax
 
 Params = Any
+# The params key (and reserved metrics key) of a model's non-trained state.
+MODEL_STATE = 'model_state'
 LossFn = Callable[[Params, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
@@ -52,7 +64,8 @@ class Method:
   """Base class; subclasses set ``phases`` and usually ``loss``.
 
   ``params`` is a dict ``{'model': <flax params>, ...}``: methods with extra
-  parameters (e.g. auxiliary heads) add keys next to ``'model'``.
+  parameters (e.g. auxiliary heads) add keys next to ``'model'``; a model
+  with BatchNorm adds ``'model_state'`` (see the module docstring).
   """
 
   def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int):
@@ -63,7 +76,11 @@ class Method:
   # -- parameters ---------------------------------------------------------
 
   def init_params(self, rng: jax.Array, example_x: jax.Array) -> Params:
-    return {'model': self.model.init(rng, example_x)['params']}
+    variables = self.model.init(rng, example_x)
+    params = {'model': variables['params']}
+    if 'batch_stats' in variables:
+      params[MODEL_STATE] = variables['batch_stats']
+    return params
 
   def hparams(self) -> dict[str, jax.Array]:
     """Float hyperparameters the loss reads as *traced* values, so a sweep can
@@ -71,9 +88,34 @@ class Method:
     return {}
 
   def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None, train: bool = False):
-    """``x [B, ...] -> (logits [B, C], reps tuple)``; ``rng`` for stochastic models."""
+    """``x [B, ...] -> (logits [B, C], reps tuple)``; ``rng`` for stochastic models.
+
+    With BatchNorm, ``train=False`` normalises with the running averages in
+    ``params['model_state']`` and ``train=True`` with the statistics of this
+    batch; the updated running averages are dropped here (a loss keeps them
+    with :meth:`apply_with_state`).
+    """
+    return self.apply_with_state(params, x, rng, train=train)[0]
+
+  def apply_with_state(self, params: Params, x: jax.Array, rng: jax.Array | None = None,
+                       train: bool = True) -> tuple[tuple[jax.Array, tuple], dict]:
+    """Like :meth:`apply` but also returns the model state a loss must report.
+
+    Returns ``((logits [B, C], reps), state)`` where ``state`` is
+    ``{'model_state': new running statistics}`` for a BatchNorm model in train
+    mode (the batch's statistics folded into the running averages),
+    ``{'model_state': params['model_state']}`` (unchanged) in eval mode, and
+    ``{}`` for a model without state. A loss merges ``state`` into its metrics
+    dict: ``return loss, {**metrics, **state}``.
+    """
     del rng
-    return self.model.apply({'params': params['model']}, x, train=train)
+    if MODEL_STATE not in params:
+      return self.model.apply({'params': params['model']}, x, train=train), {}
+    variables = {'params': params['model'], 'batch_stats': params[MODEL_STATE]}
+    if not train:
+      return self.model.apply(variables, x, train=False), {MODEL_STATE: params[MODEL_STATE]}
+    out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return out, {MODEL_STATE: mutated['batch_stats']}
 
   def logits(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """The classifier the shared evaluation attacks: ``x [B, ...] -> [B, C]``."""

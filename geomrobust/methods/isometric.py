@@ -24,6 +24,9 @@ Config (``config.method``):
                    (against *input* distances, same-class mask of level l), and
                    is trained for train.epochs with earlier blocks frozen.
   min_sq_dist      clip for squared distances before sqrt (NaN-free gradients).
+
+``config.eval.paper_eps`` (optional): the eps grid of the authors' FGSM on the
+training loss, reported beside the shared evaluation (default: eval.eps).
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ class Isometric(base.Method):
       return jax.lax.map(one, (x, y)).mean()
 
     rows = [dict(attack='fgsm_train_loss', eps=float(e), accuracy=float(correct(params, jnp.float32(e))))
-            for e in config.eval.eps]
+            for e in (config.eval.get('paper_eps') or config.eval.eps)]
     return {'fgsm_train_loss': rows, 'examples': int(n)}
 
   # -- diagnostics -----------------------------------------------------------

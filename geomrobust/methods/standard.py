@@ -12,8 +12,10 @@ class Standard(base.Method):
 
   def _loss(self, params, batch, rng, hparams):
     del rng, hparams
-    logits, _ = self.apply(params, batch['image'], train=True)
-    return base.cross_entropy(logits, batch['label']), {'accuracy': base.accuracy(logits, batch['label'])}
+    # state: the new BatchNorm statistics ({} for models without BatchNorm).
+    (logits, _), state = self.apply_with_state(params, batch['image'], train=True)
+    return base.cross_entropy(logits, batch['label']), {'accuracy': base.accuracy(logits, batch['label']),
+                                                         **state}
 
   def phases(self):
     return [base.Phase('train', self.config.train.epochs, self._loss)]

@@ -8,6 +8,7 @@ import ml_collections
 from geomrobust.models.cnn import SmallCNN
 from geomrobust.models.common import ACTIVATIONS, INITS
 from geomrobust.models.mlp import MLP
+from geomrobust.models.resnet import ResNet, resnet18
 
 MODELS = {
     'mlp': lambda c, n: MLP(hidden=tuple(c.hidden), num_classes=n, activation=c.activation,
@@ -15,6 +16,9 @@ MODELS = {
     'cnn': lambda c, n: SmallCNN(channels=tuple(c.channels), convs_per_block=c.convs_per_block,
                                  kernel_size=c.kernel_size, dense=tuple(c.dense), num_classes=n,
                                  activation=c.activation, weight_init=c.weight_init),
+    # Config: width (64 = the standard 64-128-256-512), preact, weight_init.
+    'resnet18': lambda c, n: resnet18(width=c.get('width', 64), num_classes=n, preact=c.get('preact', False),
+                                      weight_init=c.get('weight_init', 'he')),
 }
 
 

@@ -20,11 +20,16 @@ def _pct(v) -> str:
   return '–' if v is None else f'{100 * v:.2f}'
 
 
-def _curves(results: dict) -> dict[str, list[tuple[float, float]]]:
+def _curves(results: dict, with_clean: bool = False) -> dict[str, list[tuple[float, float]]]:
+  """attack -> sorted [(eps, accuracy)]; ``with_clean`` starts every curve at
+  (0, clean accuracy) when the grid has no eps = 0 (for plots)."""
   out: dict[str, list] = {}
   for r in results.get('robustness', []):
     out.setdefault(r['attack'], []).append((r['eps'], r['accuracy']))
-  return {k: sorted(v) for k, v in out.items()}
+  out = {k: sorted(v) for k, v in out.items()}
+  if with_clean and 'clean_accuracy' in results:
+    out = {k: v if v and v[0][0] == 0 else [(0.0, results['clean_accuracy'])] + v for k, v in out.items()}
+  return out
 
 
 def _headline_attack(results: dict) -> str | None:
@@ -55,6 +60,30 @@ def plot_accuracy_vs_eps(path: pathlib.Path, series: dict[str, list[tuple[float,
   ax.grid(alpha=0.3)
   ax.set_title(title, fontsize=10)
   ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def plot_convergence(path: pathlib.Path, convergence: list[dict], title: str) -> None:
+  """Attack loss vs iterate, one panel per iterative attack, one colour per
+  example, one thin line per restart (``results['convergence']``)."""
+  if not convergence:
+    return
+  plt = _plt()
+  n = len(convergence)
+  fig, axes = plt.subplots(1, n, figsize=(max(3.6 * n, 6.0), 3.4), dpi=110, squeeze=False)
+  for ax, c in zip(axes[0], convergence):
+    losses = np.asarray(c['losses'], float)  # [examples, restarts, steps + 1]
+    colours = plt.cm.tab10(np.arange(losses.shape[0]) % 10)
+    for i in range(losses.shape[0]):
+      for r in range(losses.shape[1]):
+        ax.plot(losses[i, r], color=colours[i], lw=0.8, alpha=0.8 if r == 0 else 0.35)
+    ax.set_title(f'{c["attack"]} ({c["loss"]} loss), eps={c["eps"]:g}', fontsize=9)
+    ax.set_xlabel('iterate')
+    ax.grid(alpha=0.3)
+  axes[0][0].set_ylabel('attack loss (maximised)')
+  fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
@@ -107,10 +136,15 @@ def _geometry_lines(geometry: dict) -> list[str]:
 def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
   """report.md + accuracy_vs_eps.png for one model."""
   workdir = pathlib.Path(workdir)
-  curves = _curves(results)
+  curves = _curves(results, with_clean=True)
   if curves:
     plot_accuracy_vs_eps(workdir / 'accuracy_vs_eps.png', curves,
-                         f'{results.get("experiment", "")} {pathlib.Path(workdir).name}: accuracy vs eps')
+                         f'{results.get("experiment", "")} {pathlib.Path(workdir).name}: accuracy vs eps '
+                         '(eps=0: clean)')
+  convergence = results.get('convergence') or []
+  plot_convergence(workdir / 'attack_loss_vs_step.png', convergence,
+                   f'{results.get("experiment", "")} {workdir.name}: attack loss per step, first '
+                   f'{len(convergence[0]["losses"]) if convergence else 0} test examples')
   t = results.get('timing', {})
   lines = [f'# {results.get("experiment", "")} — {workdir.name}', '']
   if results.get('smoke'):
@@ -120,10 +154,36 @@ def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
             'test examples',
             f'- training: {t.get("train_seconds", 0):.1f} s ({t.get("train_examples_per_second", 0):.0f} examples/s); '
             f'evaluation: {t.get("eval_seconds", 0):.1f} s', '',
-            '## Accuracy (%) under attack', '', *_robustness_table(results), '',
+            '## Accuracy (%) under attack', '', _attack_summary(results), '', *_robustness_table(results), '',
             '![accuracy vs eps](accuracy_vs_eps.png)', '', '## Sanity checks', '',
-            *_sanity_lines(results.get('sanity', {})), '', *_geometry_lines(results.get('geometry', {}))]
+            *_sanity_lines(results.get('sanity', {})), '']
+  if convergence:
+    lines += ['## Attack convergence', '',
+              'Loss of every iterate (one colour per example, one line per restart). Curves still rising at the '
+              'last step mean the attack had not converged.', '', '![attack loss vs step](attack_loss_vs_step.png)',
+              '']
+  lines += _geometry_lines(results.get('geometry', {}))
   runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')
+
+
+def _attack_summary(results: dict) -> str:
+  """One sentence naming the attacks and their budgets (from the rows)."""
+  seen = {}
+  for r in results.get('robustness', []):
+    if r['attack'] != 'worst_case':
+      seen.setdefault(r['attack'], r)
+  if not seen:
+    return ''
+  parts = []
+  for name, r in seen.items():
+    budget = f' {r["steps"]} steps x {r["restarts"]} restarts' if r['steps'] > 1 else (
+        f' worst of {r["restarts"]} draws' if name == 'noise' else '')
+    parts.append(f'{name}{budget}')
+  norm = next(iter(seen.values()))['norm']
+  eot = next(iter(seen.values())).get('eot', 1)
+  eot_txt = f', EOT over {eot} draws of the model\'s noise' if eot > 1 else ''
+  return (f'{norm} attacks: {"; ".join(parts)}{eot_txt}. `worst_case`: an example counts as robust only if it '
+          'survives every attack.')
 
 
 def summary_table(member_results: dict[str, dict]) -> list[dict]:
@@ -131,13 +191,12 @@ def summary_table(member_results: dict[str, dict]) -> list[dict]:
   rows = []
   for name, res in member_results.items():
     attack = _headline_attack(res)
+    curves = _curves(res)
     row = dict(name=name, clean_accuracy=res['clean_accuracy'], attack=attack,
-               robust={f'{e:g}': a for e, a in _curves(res).get(attack, [])})
+               robust={f'{e:g}': a for e, a in curves.get(attack, [])},
+               attacks={k: {f'{e:g}': a for e, a in v} for k, v in curves.items() if k != 'worst_case'})
     for row_ in (res.get('paper_evaluation') or {}).get('fgsm_train_loss', []):
       row.setdefault('fgsm_train_loss', {})[f'{row_["eps"]:g}'] = row_['accuracy']
-    for extra in ('fgsm', 'pgd'):
-      if extra in _curves(res) and extra != attack:
-        row[extra] = {f'{e:g}': a for e, a in _curves(res)[extra]}
     failed = [k for k, v in res.get('sanity', {}).items() if not v.get('passed')]
     row['sanity_failed'] = failed
     iso = res.get('geometry', {}).get('isometry')
@@ -148,13 +207,34 @@ def summary_table(member_results: dict[str, dict]) -> list[dict]:
   return rows
 
 
+def _per_attack_lines(table: list[dict]) -> list[str]:
+  """Per-attack accuracy of every member, one table per eps at which some
+  member is neither fully robust nor fully broken (where attacks differ)."""
+  attacks = list(dict.fromkeys(a for r in table for a in r.get('attacks', {})))
+  eps_all = sorted({float(e) for r in table for e in r['robust']})
+  informative = [e for e in eps_all
+                 if any(0 < r['robust'].get(f'{e:g}', 0) < r['clean_accuracy'] for r in table)]
+  if len(attacks) < 2 or not informative:
+    return []
+  lines = ['## Per-attack accuracy (%)', '',
+           'Which attack found the adversarial examples; `worst_case` is the per-example minimum.', '']
+  for e in informative:
+    lines += [f'eps = {e:g}', '', '| model | ' + ' | '.join(attacks) + ' | worst_case |',
+              '|---|' + '---|' * (len(attacks) + 1)]
+    for r in table:
+      cells = [_pct(r['attacks'].get(a, {}).get(f'{e:g}')) for a in attacks]
+      lines.append(f'| {r["name"]} | ' + ' | '.join(cells) + f' | {_pct(r["robust"].get(f"{e:g}"))} |')
+    lines.append('')
+  return lines
+
+
 def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
   """report.md + accuracy_vs_eps.png with one curve per member."""
   workdir = pathlib.Path(workdir)
   table = top['table']
   series, fgsm_series = {}, {}
   for name, res in member_results.items():
-    c = _curves(res)
+    c = _curves(res, with_clean=True)
     attack = _headline_attack(res)
     if attack:
       series[name] = c[attack]
@@ -162,7 +242,7 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
       fgsm_series[name] = c['fgsm']
   headline = table[0]['attack'] if table else 'worst_case'
   plot_accuracy_vs_eps(workdir / 'accuracy_vs_eps.png', series,
-                       f'{top["experiment"]}: {headline} accuracy vs eps, one curve per model')
+                       f'{top["experiment"]}: {headline} accuracy vs eps (eps=0: clean), one curve per model')
   if fgsm_series:
     plot_accuracy_vs_eps(workdir / 'fgsm_accuracy_vs_log_eps.png', fgsm_series,
                          f'{top["experiment"]}: FGSM accuracy vs eps (log axis)', log_x=True)
@@ -170,14 +250,13 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
   lines = [f'# {top["experiment"]}', '']
   if top.get('smoke'):
     lines += ['> SMOKE RUN: tiny data, few epochs and weakened attacks. These numbers test the code path only.', '']
+  failed = [(r['name'], r['sanity_failed']) for r in table if r['sanity_failed']]
+  if failed:
+    lines += ['**WARNING: SANITY CHECKS FAILED: ' + '; '.join(f'{n}: {", ".join(f)}' for n, f in failed)
+              + '. Do not trust these robustness numbers until this is explained (see the member reports).**', '']
   first = next(iter(member_results.values()), {})
-  rob = first.get('robustness', [])
-  if rob:
-    r0 = max(rob, key=lambda r: r['steps'])
-    lines += [f'Evaluation: first {first.get("eval_examples")} test examples, {r0["norm"]} attacks '
-              f'({", ".join(sorted({r["attack"] for r in rob}))}), PGD {r0["steps"]} steps x '
-              f'{r0["restarts"]} restart(s). Headline column: `{headline}` (per-example worst case over '
-              'attacks when several run).', '']
+  if first.get('robustness'):
+    lines += [f'Evaluation: first {first.get("eval_examples")} test examples. {_attack_summary(first)}', '']
   lines += [f'## Accuracy (%): clean and `{headline}` per eps', '',
             '| model | clean | ' + ' | '.join(f'eps={e:g}' for e in eps_all) + ' | sanity |',
             '|---|---|' + '---|' * len(eps_all) + '---|']
@@ -186,15 +265,15 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
     sanity = 'ok' if not r['sanity_failed'] else '**FAILED: ' + ', '.join(r['sanity_failed']) + '**'
     lines.append(f'| {r["name"]} | {_pct(r["clean_accuracy"])} | ' + ' | '.join(cells) + f' | {sanity} |')
   lines += ['', '![accuracy vs eps](accuracy_vs_eps.png)', '']
-  if any('fgsm' in r or r['attack'] == 'fgsm' for r in table):
-    fg_eps = sorted({float(e) for r in table for e in (r.get('fgsm') or {})})
-    if fg_eps:
-      lines += ['## FGSM accuracy (%)', '', '| model | ' + ' | '.join(f'{e:g}' for e in fg_eps) + ' |',
-                '|---|' + '---|' * len(fg_eps)]
-      for r in table:
-        lines.append(f'| {r["name"]} | ' + ' | '.join(_pct((r.get('fgsm') or {}).get(f'{e:g}')) for e in fg_eps)
-                     + ' |')
-      lines += ['', '![FGSM accuracy vs log eps](fgsm_accuracy_vs_log_eps.png)', '']
+  lines += _per_attack_lines(table)
+  if any('fgsm' in r.get('attacks', {}) for r in table):
+    fg_eps = sorted({float(e) for r in table for e in r['attacks'].get('fgsm', {})})
+    lines += ['## FGSM accuracy (%)', '', '| model | ' + ' | '.join(f'{e:g}' for e in fg_eps) + ' |',
+              '|---|' + '---|' * len(fg_eps)]
+    for r in table:
+      lines.append(f'| {r["name"]} | ' + ' | '.join(_pct(r['attacks'].get('fgsm', {}).get(f'{e:g}'))
+                                                    for e in fg_eps) + ' |')
+    lines += ['', '![FGSM accuracy vs log eps](fgsm_accuracy_vs_log_eps.png)', '']
   if any('fgsm_train_loss' in r for r in table):
     tl_eps = sorted({float(e) for r in table for e in (r.get('fgsm_train_loss') or {})})
     lines += ["## The authors' FGSM: one step on the full training loss (CE + beta * iso), accuracy (%)", '',

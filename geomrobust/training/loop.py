@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from geomrobust import parallel
 from geomrobust.methods import base
 from geomrobust.parallel import batching
+from geomrobust.training import augment as augment_lib
 from geomrobust.runio import MetricsWriter
 
 
@@ -63,12 +64,23 @@ def make_optimizer(train: ml_collections.ConfigDict, lr: float, steps_per_epoch:
 
 
 def phase_optimizer(phase: base.Phase, params, train, steps_per_epoch) -> optax.GradientTransformation:
-  """The configured optimiser on trainable params, exact zeros on frozen ones."""
+  """The configured optimiser on trainable params, exact zeros on frozen ones.
+
+  ``params['model_state']`` (BatchNorm statistics) is always frozen: the train
+  step writes it from the loss, and e.g. weight decay must not shrink it.
+  """
   tx = make_optimizer(train, phase.lr if phase.lr is not None else float(train.lr), steps_per_epoch)
-  if phase.trainable is None:
+  has_state = isinstance(params, dict) and base.MODEL_STATE in params
+  if phase.trainable is None and not has_state:
     return tx
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: 'train' if phase.trainable(base.path_names(path)) else 'freeze', params)
+
+  def label(path, _):
+    names = base.path_names(path)
+    if names[0] == base.MODEL_STATE:
+      return 'freeze'
+    return 'train' if phase.trainable is None or phase.trainable(names) else 'freeze'
+
+  labels = jax.tree_util.tree_map_with_path(label, params)
   if 'train' not in jax.tree.leaves(labels):
     raise ValueError(f'phase {phase.name!r} has no trainable parameters')
   return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
@@ -88,23 +100,40 @@ class TrainState:
 
 
 def make_train_step(loss_fn: base.LossFn, tx: optax.GradientTransformation):
-  """``(state, batch, rng) -> (state, metrics)`` for one optimiser step."""
+  """``(state, batch, rng) -> (state, metrics)`` for one optimiser step.
+
+  A model with state (BatchNorm): the loss returns the new running statistics
+  as ``metrics['model_state']``; they replace ``params['model_state']`` after
+  the optimiser update and are not logged.
+  """
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, batch, rng, state.hparams)
+    metrics = dict(metrics)
+    model_state = metrics.pop(base.MODEL_STATE, None)
+    has_state = isinstance(state.params, dict) and base.MODEL_STATE in state.params
+    if has_state and model_state is None:
+      raise TrainingError(
+          'the model has BatchNorm statistics but the loss did not return them: compute the forward pass with '
+          "Method.apply_with_state and return its state in the metrics (metrics['model_state'])")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if model_state is not None:
+      params = dict(params, **{base.MODEL_STATE: model_state})
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, dict(metrics, loss=loss)
 
   return train_step
 
 
-def make_epoch(train_step, batch_size: int, steps_per_epoch: int, mesh=None):
+def make_epoch(train_step, batch_size: int, steps_per_epoch: int, mesh=None,
+               augment: augment_lib.Augment | None = None):
   """A pure epoch ``(state, images uint8 [N,...], labels [N], rng) -> (state,
   metrics {name: [steps]})``: shuffle, gather, convert and step, all in one scan.
 
+  ``augment(rng, images float [B, ...]) -> images`` (optional, see
+  ``training.augment``) transforms each gathered batch inside the scan.
   Un-jitted so callers can ``vmap`` it (sweeps) before compiling.
   """
 
@@ -119,6 +148,9 @@ def make_epoch(train_step, batch_size: int, steps_per_epoch: int, mesh=None):
       batch = {'image': images[idx].astype(jnp.float32) / 255.0, 'label': labels[idx]}
       if mesh is not None:
         batch = parallel.shard_batch(batch, mesh)
+      if augment is not None:
+        # fold_in(rng, 2) is independent of split(rng); non-augmented runs never draw it.
+        batch['image'] = augment(jax.random.fold_in(jax.random.fold_in(rng, 2), i), batch['image'])
       return train_step(state, batch, jax.random.fold_in(step_rng, i))
 
     return jax.lax.scan(body, state, (order, jnp.arange(steps_per_epoch)))
@@ -221,6 +253,7 @@ def train(method: base.Method, train_images, train_labels, test_images, test_lab
     raise ValueError(f'train.batch_size={bs} is larger than the {n} training examples')
   phases = method.phases()
   total = sum(p.epochs for p in phases)
+  augment = augment_lib.get_augment(str(tcfg.get('augment', '') or ''))
 
   rep = parallel.replicated(mesh)
   train_images, train_labels, test_images, test_labels = jax.device_put(
@@ -268,7 +301,8 @@ def train(method: base.Method, train_images, train_labels, test_images, test_lab
       state = TrainState(step=jnp.int32(max(start, p_start) * steps_per_epoch), params=params,
                          opt_state=tx.init(params), hparams=hparams)
     state = jax.device_put(state, rep)
-    epoch_fn = compile_epoch(make_epoch(make_train_step(phase.loss_fn, tx), bs, steps_per_epoch, mesh), mesh)
+    epoch_fn = compile_epoch(make_epoch(make_train_step(phase.loss_fn, tx), bs, steps_per_epoch, mesh,
+                                        augment=augment), mesh)
 
     for e in range(max(p_start, start), p_end):
       t0 = time.perf_counter()

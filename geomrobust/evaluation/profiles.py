@@ -1,0 +1,53 @@
+"""Named bundles of attack settings: the shared evaluation's profiles.
+
+A profile fixes *which* attacks run and how hard (steps, restarts), never the
+eps grid or the number of examples, which belong to the experiment. Every
+experiment names one (``config.eval.profile``) so methods are compared under
+the same attacks:
+
+  mnist_linf    the default for MNIST-like data, L-infinity: FGSM, sign noise,
+                PGD-CE and PGD-margin with 100 steps x 5 restarts, APGD-CE and
+                APGD-DLR with 100 steps (evaluation.md).
+  cifar10_linf  the same attacks with PGD 50 steps x 2 restarts (CIFAR models
+                are far more expensive per step; APGD keeps 100 steps).
+  l2            the MNIST profile in the L2 norm.
+  quick         FGSM, noise, PGD-CE 40 x 1 and APGD-DLR 40: a cheap screen
+                (e.g. every point of a sweep), not a final number.
+
+``--config.eval.profile=NAME`` on the command line sets these fields before
+any other ``--config.eval.*`` override, so ``--config.eval.profile=quick
+--config.eval.pgd_steps=80`` is the quick profile with 80 PGD steps.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+_STRONG = dict(attacks=('fgsm', 'noise', 'pgd', 'pgd_margin', 'apgd_ce', 'apgd_dlr'),
+               pgd_steps=100, pgd_restarts=5, pgd_step_size=2.5, apgd_steps=100, apgd_restarts=1,
+               noise_samples=10)
+
+PROFILES: dict[str, dict] = {
+    'mnist_linf': dict(_STRONG, norm='linf'),
+    'cifar10_linf': dict(_STRONG, norm='linf', pgd_steps=50, pgd_restarts=2),
+    'l2': dict(_STRONG, norm='l2'),
+    'quick': dict(attacks=('fgsm', 'noise', 'pgd', 'apgd_dlr'), pgd_steps=40, pgd_restarts=1,
+                  pgd_step_size=2.5, apgd_steps=40, apgd_restarts=1, noise_samples=4),
+}
+
+
+def profile_fields(name: str) -> dict:
+  """The eval fields a profile sets (a copy)."""
+  if name not in PROFILES:
+    raise ValueError(f'unknown eval.profile {name!r}; available: {", ".join(PROFILES)}')
+  return dict(PROFILES[name])
+
+
+def apply_profile(eval_config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Sets ``eval_config.profile = name`` and the profile's fields; returns it."""
+  fields = profile_fields(name)
+  with eval_config.unlocked(), eval_config.ignore_type():
+    eval_config.profile = name
+    for key, value in fields.items():
+      eval_config[key] = value
+  return eval_config

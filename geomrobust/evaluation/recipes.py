@@ -1,0 +1,120 @@
+"""Attack recipes: the names in ``eval.attacks`` resolved to attack settings.
+
+  fgsm        one signed-gradient step of size eps (CE loss); the papers' attack.
+  noise       worst of ``eval.noise_samples`` random points on the eps-sphere
+              (sign noise for linf, a Gaussian direction for l2): the floor
+              every gradient attack must beat.
+  pgd         PGD, CE loss, ``eval.pgd_steps`` x ``eval.pgd_restarts``, step
+              ``eval.pgd_step_size * eps / steps``, uniform random start.
+  pgd_margin  the same with the margin loss (max other logit - true logit).
+  pgd_dlr     the same with the scale-invariant DLR loss.
+  apgd_ce     APGD (Croce & Hein 2020), CE loss, ``eval.apgd_steps`` x
+              ``eval.apgd_restarts``: step-size free, momentum 0.75.
+  apgd_dlr    APGD with the DLR loss (defeats logit-scale masking).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """A named attack with its settings resolved from the eval config.
+
+  Hashable, so compiled attack programs can be cached per recipe.
+  """
+
+  name: str
+  attack: str                       # key of attacks.ATTACKS
+  options: tuple = ()               # static keyword arguments, as sorted (key, value) pairs
+  steps: int = 0                    # gradient steps per restart (0: no gradient)
+  restarts: int = 1
+  step_size_factor: float | None = None  # step = factor * eps / steps (PGD only)
+
+  @property
+  def kwargs(self) -> dict:
+    return dict(self.options)
+
+  @property
+  def iterative(self) -> bool:
+    return self.attack in ('pgd', 'apgd')
+
+  @property
+  def uses_gradient(self) -> bool:
+    return self.attack != 'noise'
+
+  def replace(self, name: str | None = None, **changes) -> 'Recipe':
+    """A variant with other steps / restarts / options (``options`` given as a dict)."""
+    opts = dict(self.options)
+    opts.update(changes.pop('options', {}))
+    for key in ('steps', 'restarts'):
+      if key in changes and key in opts:
+        opts[key] = changes[key]
+    return dataclasses.replace(self, name=name or self.name, options=tuple(sorted(opts.items())), **changes)
+
+
+def _recipe(name: str, attack: str, steps: int, restarts: int, factor: float | None, options: dict) -> Recipe:
+  return Recipe(name, attack, tuple(sorted(options.items())), steps, restarts, factor)
+
+
+def available(ev: ml_collections.ConfigDict) -> dict[str, Recipe]:
+  """Every recipe name with the settings ``ev`` gives it (norm and EOT not yet set)."""
+  steps, restarts, factor = int(ev.pgd_steps), int(ev.pgd_restarts), float(ev.pgd_step_size)
+  a_steps, a_restarts = int(ev.apgd_steps), int(ev.apgd_restarts)
+  samples = max(int(ev.noise_samples), 1)
+
+  def pgd(name, loss):
+    return _recipe(name, 'pgd', steps, restarts, factor, dict(loss=loss, steps=steps, restarts=restarts))
+
+  def apgd(name, loss):
+    return _recipe(name, 'apgd', a_steps, a_restarts, None, dict(loss=loss, steps=a_steps, restarts=a_restarts))
+
+  return {
+      'fgsm': _recipe('fgsm', 'fgsm', 1, 1, None, dict(loss='ce')),
+      'noise': _recipe('noise', 'noise', 0, samples, None, dict(samples=samples)),
+      'pgd': pgd('pgd', 'ce'),
+      'pgd_margin': pgd('pgd_margin', 'margin'),
+      'pgd_dlr': pgd('pgd_dlr', 'dlr'),
+      'apgd_ce': apgd('apgd_ce', 'ce'),
+      'apgd_dlr': apgd('apgd_dlr', 'dlr'),
+  }
+
+
+def resolve(ev: ml_collections.ConfigDict, eot_samples: int = 1) -> list[Recipe]:
+  """Resolves ``eval.attacks`` into recipes, in order; unknown names, bad
+  budgets and duplicates are one error line naming the valid choices.
+
+  With ``eval.sanity`` on, ``fgsm`` and ``noise`` are added when missing:
+  the checks "iterative <= single step" and "gradient <= noise" need them,
+  and both are cheap.
+  """
+  table = available(ev)
+  if ev.norm not in ('linf', 'l2'):
+    raise ValueError(f'unknown eval.norm {ev.norm!r}; available: linf, l2')
+  names = list(ev.attacks)
+  if not names:
+    raise ValueError(f'eval.attacks is empty; choose from: {", ".join(table)} (or set eval.profile)')
+  if len(set(names)) != len(names):
+    raise ValueError(f'eval.attacks lists an attack twice: {names}')
+  for name in names:
+    if name not in table:
+      raise ValueError(f'unknown eval.attacks entry {name!r}; available: {", ".join(table)}')
+  if bool(ev.get('sanity', True)):
+    names = [n for n in ('fgsm', 'noise') if n not in names] + names
+  out = []
+  for name in names:
+    r = table[name]
+    if r.iterative and (r.steps < 1 or r.restarts < 1):
+      family = 'pgd' if r.attack == 'pgd' else 'apgd'
+      raise ValueError(f'eval.attacks has {name!r} but eval.{family}_steps={r.steps}, eval.{family}_restarts='
+                       f'{r.restarts}; both must be >= 1')
+    out.append(r.replace(options=dict(norm=ev.norm, eot_samples=eot_samples)))
+  return out
+
+
+def loss_name(recipe: Recipe) -> str:
+  """The attack loss a recipe maximises ('ce', 'margin', 'dlr'; '' for noise)."""
+  return str(recipe.kwargs.get('loss', 'ce' if recipe.uses_gradient else ''))

@@ -1,0 +1,184 @@
+"""The sanity checks of evaluation.md, computed on every evaluation.
+
+Each check is ``{passed: bool, value: float, detail: str}``; a failure is
+reported (results.json, report.md, a WARNING line in the log), never hidden.
+Checks read the attack grid, and some run attacks of their own:
+
+  eps0_equals_clean        PGD at eps = 0 changes no verdict (catches
+                           train-mode BatchNorm and randomness mistakes).
+  monotone_in_eps          accuracy never rises with eps (per attack and for
+                           the worst case; eps = 0 is the clean accuracy).
+  iterative_le_single_step every iterative attack is at least as strong as FGSM.
+  gradient_le_noise        every gradient attack is at least as strong as
+                           random noise of the same norm.
+  large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
+                           is reachable) drives accuracy to ~0; a model that
+                           survives it is masking gradients.
+  doubled_budget           PGD with twice the steps and twice the restarts,
+                           run on the examples that survived every attack at
+                           the check eps, breaks (almost) none of them.
+  batch_size_invariance    the main iterative attack re-run with another
+                           evaluation batch size gives the same verdicts.
+  frozen_noise_attack      (stochastic models) with the noise frozen, PGD does
+                           at least as well as the EOT attacks.
+  eot_doubled              (stochastic models) EOT with twice the draws does not
+                           raise accuracy.
+
+Tolerances: accuracy comparisons allow ``max(0.005, 2 / N)`` (half a point, or
+two examples on a small set); "~0" means at most ``max(0.01, 2 / N)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from geomrobust.evaluation import recipes as recipes_lib
+
+
+def tolerance(n: int) -> float:
+  return max(0.005, 2.0 / max(n, 1))
+
+
+def zero_tolerance(n: int) -> float:
+  return max(0.01, 2.0 / max(n, 1))
+
+
+def _check(passed: bool, value: float, detail: str) -> dict:
+  return dict(passed=bool(passed), value=float(value), detail=detail)
+
+
+def _by_attack(rows: list[dict]) -> dict[str, dict[float, float]]:
+  out: dict[str, dict[float, float]] = {}
+  for r in rows:
+    out.setdefault(r['attack'], {})[float(r['eps'])] = float(r['accuracy'])
+  return out
+
+
+def grid_checks(clean: float, rows: list[dict], recipe_list, n: int) -> dict:
+  """Checks that need only the grid's accuracies."""
+  tol = tolerance(n)
+  acc = _by_attack(rows)
+  checks = {}
+  # Monotone in eps, with the clean accuracy as the eps = 0 point.
+  worst_rise, where = 0.0, ''
+  for attack, curve in acc.items():
+    eps = sorted(e for e in curve if e > 0)
+    seq = [(0.0, clean)] + [(e, curve[e]) for e in eps]
+    for (e0, a0), (e1, a1) in zip(seq, seq[1:]):
+      if a1 - a0 > worst_rise:
+        worst_rise, where = a1 - a0, f' ({attack}: {100 * a0:.2f}% at eps={e0:g} -> {100 * a1:.2f}% at {e1:g})'
+  checks['monotone_in_eps'] = _check(worst_rise <= tol, worst_rise,
+                                     f'largest accuracy rise between consecutive eps{where}; tolerance {tol:.3g}')
+
+  def gap_check(name, reference, candidates, what):
+    if reference not in acc or not candidates:
+      return
+    gap, where = -math.inf, ''
+    for r in candidates:
+      for e, a in acc[r].items():
+        if e > 0 and e in acc[reference] and a - acc[reference][e] > gap:
+          gap, where = a - acc[reference][e], f'{r} at eps={e:g}'
+    if gap > -math.inf:
+      checks[name] = _check(gap <= tol, gap, f'max accuracy({what}) - accuracy({reference}) over eps '
+                                              f'(worst: {where}); tolerance {tol:.3g}')
+
+  iterative = [r.name for r in recipe_list if r.iterative]
+  gradient = [r.name for r in recipe_list if r.uses_gradient]
+  gap_check('iterative_le_single_step', 'fgsm', iterative, 'iterative attack')
+  gap_check('gradient_le_noise', 'noise', gradient, 'gradient attack')
+  return checks
+
+
+def choose_check_eps(ev, clean: float, rows: list[dict]) -> float | None:
+  """``eval.check_eps``, or the grid eps whose worst-case accuracy is nearest
+  half the clean accuracy (where a stronger attack would show most)."""
+  if float(ev.get('check_eps', 0.0)) > 0:
+    return float(ev.check_eps)
+  worst = sorted((r['eps'], r['accuracy']) for r in rows if r['attack'] == 'worst_case' and r['eps'] > 0)
+  if not worst:
+    return None
+  return min(worst, key=lambda ea: (abs(ea[1] - clean / 2), ea[0]))[0]
+
+
+def _pgd(ev, recipe_list, eot: int) -> recipes_lib.Recipe:
+  """The configured CE PGD (from the list if present), used by the checks."""
+  for r in recipe_list:
+    if r.name == 'pgd':
+      return r
+  base = recipes_lib.available(ev)['pgd']
+  steps = base.steps or 40
+  return base.replace(steps=steps, restarts=max(base.restarts, 1),
+                      options=dict(norm=ev.norm, eot_samples=eot))
+
+
+def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, check_eps: float | None, *,
+                  log=print, tag: str = '') -> dict:
+  """Checks that run attacks of their own (``runner`` is the suite's runner)."""
+  ev, n = runner.ev, runner.n
+  tol, tol0 = tolerance(n), zero_tolerance(n)
+  pgd = _pgd(ev, recipe_list, runner.eot)
+  pgd1 = pgd.replace('pgd_1', restarts=1)
+  checks = {}
+
+  # 1. eps = 0: with the clean evaluation's own keys, every verdict must match.
+  m = runner.mask(pgd1, 0.0, key_name='clean')
+  changed = float(np.mean(m != clean_mask))
+  checks['eps0_equals_clean'] = _check(changed == 0.0, changed, 'fraction of examples whose verdict PGD at eps=0 '
+                                       'changes (must be exactly 0)')
+
+  # 4. A huge eps: any image in [0,1] is reachable.
+  large = float(ev.get('large_eps', 0.0)) or (1.0 if ev.norm == 'linf' else math.sqrt(runner.x[0].size))
+  acc = float(runner.mask(pgd1, large).mean())
+  checks['large_eps_to_zero'] = _check(acc <= tol0, acc, f'accuracy under PGD ({pgd1.steps} steps) at eps={large:g}; '
+                                       f'must be ~0 (<= {tol0:.3g})')
+  log(f'{tag}sanity: eps=0 changed {changed:.4f} of verdicts; PGD at eps={large:g}: accuracy {acc:.4f}')
+  if check_eps is None:
+    return checks
+
+  # 5. Twice the steps and twice the restarts, on what survived everything.
+  worst = masks[f'worst_case@{check_eps:g}']
+  survivors = np.flatnonzero(worst)
+  strong = pgd.replace('pgd_2x', steps=2 * pgd.steps, restarts=2 * pgd.restarts)
+  broken = int((~runner.mask(strong, check_eps, subset=survivors)).sum())
+  drop = broken / n
+  checks['doubled_budget'] = _check(
+      drop <= tol, drop, f'PGD {strong.steps} steps x {strong.restarts} restarts broke {broken} of the {len(survivors)} '
+      f'examples that survived every attack at eps={check_eps:g}: robust accuracy would drop by this; '
+      f'tolerance {tol:.3g}')
+
+  # 7. Another batch size, verdict by verdict.
+  main = next((r for r in recipe_list if r.iterative), pgd)
+  ref = masks.get(f'{main.name}@{check_eps:g}')
+  if ref is None:
+    ref = runner.mask(main, check_eps)
+  devices = runner.mesh.devices.size
+  other = runner.batch_size // 2 // devices * devices
+  if other < devices or other >= min(runner.batch_size, n):
+    other = 2 * runner.batch_size
+  flips = float(np.mean(runner.mask(main, check_eps, batch_size=other) != ref))
+  checks['batch_size_invariance'] = _check(
+      flips <= 1.0 / n + 1e-12, flips, f'fraction of verdicts of {main.name} at eps={check_eps:g} that change with '
+      f'eval batch size {other} instead of {runner.batch_size} (tolerance: one example)')
+  log(f'{tag}sanity at eps={check_eps:g}: doubled PGD breaks {broken} more; batch size {other} flips {flips:.4f}')
+
+  # 6. Stochastic models: frozen noise, and EOT with twice the draws.
+  if runner.stochastic:
+    import jax
+    frozen_key = jax.random.key(int(ev.seed) + 1)
+    acc_frozen = float(runner.mask(pgd, check_eps, model_key=frozen_key).mean())
+    acc_worst = float(worst.mean())
+    checks['frozen_noise_attack'] = _check(
+        acc_frozen <= acc_worst + tol, acc_frozen - acc_worst,
+        f'accuracy with the noise frozen under PGD ({100 * acc_frozen:.2f}%) minus the EOT worst case '
+        f'({100 * acc_worst:.2f}%) at eps={check_eps:g}; tolerance {tol:.3g}')
+    ref_pgd = masks.get(f'pgd@{check_eps:g}')
+    acc_pgd = float((ref_pgd if ref_pgd is not None else runner.mask(pgd, check_eps)).mean())
+    double = pgd.replace('pgd_eot2x', options=dict(eot_samples=2 * runner.eot))
+    acc_2x = float(runner.mask(double, check_eps).mean())
+    checks['eot_doubled'] = _check(
+        acc_2x <= acc_pgd + tol, acc_2x - acc_pgd,
+        f'accuracy under PGD with {2 * runner.eot} EOT draws minus with {runner.eot} at eps={check_eps:g}; '
+        f'tolerance {tol:.3g}')
+  return checks

@@ -1,0 +1,239 @@
+"""Runs the attack recipes over the eps grid, plus the sanity-check attacks.
+
+Every attack is ``vmap``-ed over examples with a per-example key
+``fold_in(key(attack, eps), example_index)``: an example's random start, EOT
+draws and verdict depend on nothing but the example, so results do not depend
+on the evaluation batch size or on which other examples are evaluated, which
+is what lets the sanity checks re-attack a subset (or re-batch the set) and
+compare verdict by verdict. Compiled programs are cached per (model function,
+recipe, batch size, mesh), so evaluating many models of one architecture
+compiles each attack once.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from geomrobust import attacks
+from geomrobust import parallel
+from geomrobust.evaluation import recipes as recipes_lib
+from geomrobust.evaluation import sanity as sanity_lib
+from geomrobust.parallel import batching
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array | None], jax.Array]
+_COMPILED: dict = {}
+
+
+def _example_keys(rng: jax.Array, idx: jax.Array) -> jax.Array:
+  """Key array [N] of per-example keys: example i gets ``fold_in(rng, i)``."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, idx)
+
+
+def attack_key(seed: int, name: str, eps: float) -> jax.Array:
+  """The key of one (attack, eps) cell: fixed by the attack's name and eps, so a
+  cell's result is the same whatever else the grid or the attack list holds."""
+  rng = jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return jax.random.fold_in(rng, int(round(float(eps) * 1e6)))
+
+
+def _predict(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, model_key):
+  """Labels [B]. Stochastic models vote by mean probability over ``eot`` draws
+  per example; ``model_key`` (frozen noise) makes any model deterministic."""
+  if model_key is not None or not stochastic:
+    return jnp.argmax(apply_fn(params, x, model_key), -1)
+
+  def one(xi, ki):
+    probs = jax.vmap(lambda k: jax.nn.softmax(apply_fn(params, xi[None], k)[0]))(jax.random.split(ki, eot))
+    return jnp.argmax(probs.mean(0))
+
+  return jax.vmap(one)(x, keys)
+
+
+def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, keys, eps, model_key,
+                  return_losses: bool = False):
+  """The recipe's attack on each example of ``x [B, ...]`` on its own (vmap)."""
+  attack = attacks.get_attack(recipe.attack)
+  kw = recipe.kwargs
+  if recipe.step_size_factor is not None:
+    kw['step_size'] = recipe.step_size_factor * eps / recipe.steps
+  if return_losses:
+    kw['return_losses'] = True
+
+  def logits_fn(xx, r):
+    return apply_fn(params, xx, r if model_key is None else model_key)
+
+  def one(xi, yi, ki):
+    out = attack(logits_fn, xi[None], yi[None], ki, eps=eps, **kw)
+    if return_losses:
+      x_adv, losses = out  # [1, ...], [restarts, steps + 1, 1]
+      return x_adv[0], losses[..., 0]
+    return out[0]
+
+  return jax.vmap(one)(x, y, keys)
+
+
+def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size: int, mesh, eot: int = 1,
+               stochastic: bool = False):
+  """Compiled ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
+
+  Is example ``idx[i]`` still classified correctly after the attack
+  (``recipe=None``: clean)? ``model_key=None`` draws the model's noise per
+  example (EOT); a key freezes it. The set runs in ``batch_size`` chunks by
+  ``lax.map`` inside one program, each chunk sharded over the mesh's 'data'
+  axis; eps is traced, so an eps grid compiles once per recipe. Cached.
+  """
+  cache_key = ('correct', apply_fn, recipe, batch_size, mesh, eot, stochastic)
+  if cache_key in _COMPILED:
+    return _COMPILED[cache_key]
+
+  def run(params, x, y, idx, rng, eps, model_key):
+    def chunk(inp):
+      xb, yb, ib = parallel.shard_batch(inp, mesh)
+      keys = _example_keys(rng, ib)
+      if recipe is not None:
+        xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
+                           eps, model_key)
+      pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
+      return _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
+
+    return batching.map_batches(chunk, (x, y, idx), batch_size)
+
+  fn = jax.jit(run)
+  _COMPILED[cache_key] = fn
+  return fn
+
+
+def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1):
+  """Compiled ``(params, x [K, ...], y, idx, rng, eps) -> losses [K, restarts, steps + 1]``:
+  the attack loss at every iterate, for the convergence plot. Cached."""
+  cache_key = ('losses', apply_fn, recipe, mesh, eot)
+  if cache_key not in _COMPILED:
+    def run(params, x, y, idx, rng, eps):
+      keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(rng, idx), 1)
+      return _attack_batch(apply_fn, recipe, params, x, y, keys, eps, None, return_losses=True)[1]
+    _COMPILED[cache_key] = jax.jit(run)
+  return _COMPILED[cache_key]
+
+
+class _Runner:
+  """Runs (recipe, eps) cells on all examples or a subset; keeps the timing."""
+
+  def __init__(self, apply_fn, params, x, y, ev, mesh, eot, stochastic):
+    self.apply_fn, self.params, self.ev, self.mesh = apply_fn, params, ev, mesh
+    self.eot, self.stochastic = eot, stochastic
+    self.n = int(y.shape[0])
+    self.batch_size = int(ev.batch_size)
+    self.x, self.y = x, y
+    self.idx = jnp.arange(self.n, dtype=jnp.int32)
+
+  def mask(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None) -> np.ndarray:
+    """bool [N] (or [len(subset)]): correct after ``recipe`` at ``eps``. The cell key
+    is that of ``key_name`` (default: the recipe's name) at ``eps``."""
+    bs = batch_size or self.batch_size
+    x, y, idx = self.x, self.y, self.idx
+    if subset is not None:
+      if len(subset) == 0:
+        return np.zeros((0,), bool)
+      sel = jnp.asarray(subset, jnp.int32)
+      x, y, idx = x[sel], y[sel], idx[sel]
+    # Chunks must split evenly over the devices; a subset may be smaller than a batch.
+    devices = self.mesh.devices.size
+    bs = max(min(bs, int(idx.shape[0])) // devices * devices, devices)
+    fn = correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic)
+    name = key_name or (recipe.name if recipe is not None else 'clean')
+    out = fn(self.params, x, y, idx, attack_key(int(self.ev.seed), name, eps), jnp.float32(eps), model_key)
+    return np.asarray(out)
+
+
+def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.ConfigDict, mesh, *,
+             stochastic: bool = False, log: Callable[[str], None] = print, tag: str = '') -> dict:
+  """Runs the configured attacks over the eps grid, then the sanity checks.
+
+  Args:
+    apply_fn: ``(params, x float32 [B, ...] in [0,1], rng) -> logits [B, C]``;
+      pass the same function object for models of one architecture (e.g. a
+      method's bound ``logits``) so compiled attacks are reused.
+    params: the model parameters (passed to ``apply_fn``).
+    images: float32 ``[N, ...]`` in [0,1] (the caller takes the first
+      ``eval.num_examples`` test examples); labels: int32 ``[N]``.
+    ev: ``config.eval``.
+    mesh: the ``('data',)`` mesh.
+    stochastic: the model draws noise from ``rng``; attacks then average
+      gradients over ``eval.eot_samples`` draws (EOT) and predictions vote
+      over as many draws. A stochastic model is never evaluated without EOT.
+
+  Returns:
+    dict with ``clean_accuracy``, ``robustness`` rows (one per attack and eps,
+    and a ``worst_case`` row per eps: an example is robust only if it survives
+    every attack), ``masks`` ({'attack@eps': bool [N]}), ``sanity`` (named
+    checks: passed, value, detail), ``convergence`` (attack loss per step for a
+    few examples) and ``timing``.
+  """
+  eot = max(int(ev.eot_samples), 1) if stochastic else 1
+  if stochastic and eot < 2:
+    raise ValueError('a stochastic model needs eval.eot_samples >= 2 (EOT); got '
+                     f'{int(ev.eot_samples)}')
+  recipe_list = recipes_lib.resolve(ev, eot)
+  n = int(len(labels))
+  parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
+  rep = parallel.replicated(mesh)
+  x, y = jax.device_put((jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
+  runner = _Runner(apply_fn, params, x, y, ev, mesh, eot, stochastic)
+  t_start = time.perf_counter()
+
+  clean_mask = runner.mask(None, 0.0)
+  clean = float(clean_mask.mean())
+  log(f'{tag}clean accuracy {clean:.4f} on {n} examples' + (f' ({eot}-draw vote)' if stochastic else ''))
+  rows, masks = [], {'clean': clean_mask}
+  eps_grid = sorted({float(e) for e in ev.eps})
+  for recipe in recipe_list:
+    for eps in eps_grid:
+      t0 = time.perf_counter()
+      mask = runner.mask(recipe, eps)
+      masks[f'{recipe.name}@{eps:g}'] = mask
+      rows.append(dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts,
+                       eot=eot, accuracy=float(mask.mean())))
+      log(f'{tag}{recipe.name:>10} eps={eps:<7g} accuracy {mask.mean():.4f}  ({time.perf_counter() - t0:.1f} s)')
+  for eps in eps_grid:
+    worst = np.logical_and.reduce([masks[f'{r.name}@{eps:g}'] for r in recipe_list] + [clean_mask])
+    masks[f'worst_case@{eps:g}'] = worst
+    rows.append(dict(attack='worst_case', norm=ev.norm, eps=eps, steps=max(r.steps for r in recipe_list),
+                     restarts=max(r.restarts for r in recipe_list), eot=eot, accuracy=float(worst.mean())))
+  t_grid = time.perf_counter() - t_start
+
+  checks = sanity_lib.grid_checks(clean, rows, recipe_list, n)
+  check_eps = sanity_lib.choose_check_eps(ev, clean, rows)
+  if bool(ev.get('sanity', True)):
+    checks.update(sanity_lib.attack_checks(runner, recipe_list, masks, clean_mask, check_eps, log=log, tag=tag))
+  convergence = _convergence(runner, recipe_list, check_eps, int(ev.get('trajectories', 0)))
+  failed = [k for k, v in checks.items() if not v['passed']]
+  for k in failed:
+    log(f'{tag}WARNING: SANITY CHECK FAILED: {k}: {checks[k]["detail"]} (value {checks[k]["value"]:.4g})')
+  seconds = time.perf_counter() - t_start
+  return dict(clean_accuracy=clean, robustness=rows, masks=masks, eval_examples=n, sanity=checks,
+              convergence=convergence,
+              timing=dict(eval_seconds=seconds, attack_grid_seconds=t_grid, sanity_seconds=seconds - t_grid))
+
+
+def _convergence(runner: _Runner, recipe_list, eps: float | None, k: int) -> list[dict]:
+  """Loss per iterate of each iterative attack on the first ``k`` examples at ``eps``."""
+  if not k or eps is None:
+    return []
+  k = min(k, runner.n)
+  out = []
+  for recipe in recipe_list:
+    if not recipe.iterative:
+      continue
+    fn = losses_fn(runner.apply_fn, recipe, runner.mesh, runner.eot)
+    losses = fn(runner.params, runner.x[:k], runner.y[:k], runner.idx[:k],
+                attack_key(int(runner.ev.seed), recipe.name, eps), jnp.float32(eps))
+    out.append(dict(attack=recipe.name, eps=eps, loss=recipes_lib.loss_name(recipe),
+                    losses=np.asarray(losses).tolist()))  # [k, restarts, steps + 1]
+  return out

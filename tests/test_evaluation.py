@@ -1,0 +1,198 @@
+"""The shared evaluation: worst case, batch invariance, caching, and sanity checks
+that pass an honest model and flag gradient-masked ones."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from geomrobust import config as config_lib
+from geomrobust import evaluation
+from geomrobust import parallel
+from geomrobust.evaluation import recipes, sanity, suite
+
+D, C, N = 20, 4, 96
+
+
+def _mlp(params, x, rng=None):
+  del rng
+  h = jnp.tanh(x.reshape(x.shape[0], -1) @ params['w1'] + params['b1'])
+  return h @ params['w2'] + params['b2']
+
+
+@pytest.fixture(scope='module')
+def honest():
+  """A 20-32-4 tanh MLP trained on 4 Gaussian blobs in [0, 1]^20: (params, x, y)."""
+  rng = np.random.default_rng(0)
+  centers = rng.uniform(0.25, 0.75, (C, D))
+  y = np.arange(4 * N) % C
+  x = np.clip(centers[y] + rng.normal(0, 0.08, (4 * N, D)), 0, 1).astype(np.float32)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  params = {'w1': jax.random.normal(k1, (D, 32)) / np.sqrt(D), 'b1': jnp.zeros(32),
+            'w2': jax.random.normal(k2, (32, C)) / np.sqrt(32), 'b2': jnp.zeros(C)}
+  tx = optax.adam(0.02)
+
+  @jax.jit
+  def step(params, opt):
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(_mlp(p, x), y).mean()
+    updates, opt = tx.update(jax.grad(loss)(params), opt)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for _ in range(300):
+    params, opt = step(params, opt)
+  return params, jnp.asarray(x[:N]), jnp.asarray(y[:N], jnp.int32)
+
+
+def _ev(**changes):
+  ev = config_lib.default_config().eval
+  evaluation.profiles.apply_profile(ev, 'mnist_linf')
+  ev.update(dict(eps=(0.05, 0.1, 0.2), attacks=('pgd', 'apgd_dlr'), pgd_steps=20, pgd_restarts=2,
+                 apgd_steps=20, noise_samples=4, batch_size=32, trajectories=0))
+  ev.update(changes)
+  return ev
+
+
+def _run(apply_fn, params, x, y, ev, **kw):
+  return evaluation.evaluate(apply_fn, params, x, y, ev, parallel.make_mesh(1), log=lambda s: None, **kw)
+
+
+# Gradient masking the checks must see through. Both keep the honest model's
+# decisions on clean inputs, only their gradients are broken.
+def _rounded(params, x, rng=None):
+  """Inputs quantised to 8 levels: the input gradient is exactly zero."""
+  return _mlp(params, jnp.round(x * 8) / 8, rng)
+
+
+def _saturated(params, x, rng=None):
+  """log softmax at temperature 1e4: confident CE gradients underflow to zero."""
+  return jax.nn.log_softmax(1e4 * _mlp(params, x, rng))
+
+
+def test_honest_model_passes_every_check(honest):
+  params, x, y = honest
+  res = _run(_mlp, params, x, y, _ev(trajectories=4, pgd_steps=40, pgd_restarts=4, apgd_steps=40))
+  failed = {k: v for k, v in res['sanity'].items() if not v['passed']}
+  assert not failed, failed
+  assert set(res['sanity']) == {'monotone_in_eps', 'iterative_le_single_step', 'gradient_le_noise',
+                                'eps0_equals_clean', 'large_eps_to_zero', 'doubled_budget', 'batch_size_invariance'}
+  assert res['clean_accuracy'] > 0.9
+  worst = {r['eps']: r['accuracy'] for r in res['robustness'] if r['attack'] == 'worst_case'}
+  assert worst[0.2] < worst[0.05] < res['clean_accuracy']  # the grid spans the interesting range
+  # Convergence traces: [examples, restarts, steps + 1] per iterative attack.
+  conv = {c['attack']: np.asarray(c['losses']) for c in res['convergence']}
+  assert conv["pgd"].shape == (4, 4, 41) and conv["apgd_dlr"].shape == (4, 1, 41)
+  assert (conv['apgd_dlr'].max(-1) >= conv['apgd_dlr'][..., 0]).all()
+
+
+@pytest.mark.parametrize('masked,expected', [
+    (_rounded, {'large_eps_to_zero', 'gradient_le_noise'}),
+    (_saturated, {'large_eps_to_zero'}),
+])
+def test_gradient_masking_is_flagged(honest, masked, expected):
+  params, x, y = honest
+  res = _run(masked, params, x, y, _ev())
+  failed = {k for k, v in res['sanity'].items() if not v['passed']}
+  assert expected <= failed, res['sanity']
+
+
+def test_worst_case_is_the_per_example_minimum_over_attacks(honest):
+  params, x, y = honest
+  res = _run(_mlp, params, x, y, _ev(sanity=False, attacks=('fgsm', 'noise', 'pgd')))
+  m = res['masks']
+  for eps in (0.05, 0.1, 0.2):
+    expected = m['clean'] & m[f'fgsm@{eps:g}'] & m[f'noise@{eps:g}'] & m[f'pgd@{eps:g}']
+    np.testing.assert_array_equal(m[f'worst_case@{eps:g}'], expected)
+    row = next(r for r in res['robustness'] if r['attack'] == 'worst_case' and r['eps'] == eps)
+    assert row['accuracy'] == pytest.approx(expected.mean())
+  assert 'eps0_equals_clean' not in res['sanity']  # sanity=False: only the checks read off the grid
+
+
+def test_verdicts_do_not_depend_on_batch_size_subset_or_grid(honest):
+  params, x, y = honest
+  mesh = parallel.make_mesh(1)
+  (pgd,) = [r for r in recipes.resolve(_ev(sanity=False, attacks=('pgd',)))]
+  idx = jnp.arange(N, dtype=jnp.int32)
+  key = suite.attack_key(0, 'pgd', 0.1)
+  full = suite.correct_fn(_mlp, pgd, 32, mesh)(params, x, y, idx, key, jnp.float32(0.1), None)
+  other = suite.correct_fn(_mlp, pgd, 24, mesh)(params, x, y, idx, key, jnp.float32(0.1), None)
+  np.testing.assert_array_equal(full, other)
+  sub = np.arange(5, N, 3)
+  part = suite.correct_fn(_mlp, pgd, 32, mesh)(params, x[sub], y[sub], idx[sub], key, jnp.float32(0.1), None)
+  np.testing.assert_array_equal(np.asarray(full)[sub], part)
+  # A cell's key depends on (attack, eps) only, not on the rest of the grid.
+  a = _run(_mlp, params, x, y, _ev(sanity=False, attacks=('pgd',), eps=(0.1,)))['masks']['pgd@0.1']
+  b = _run(_mlp, params, x, y, _ev(sanity=False, attacks=('pgd',), eps=(0.05, 0.1)))['masks']['pgd@0.1']
+  np.testing.assert_array_equal(a, b)
+
+
+def test_compiled_attacks_are_reused_across_models(honest):
+  params, x, y = honest
+  ev = _ev(sanity=False, attacks=('pgd',))
+  _run(_mlp, params, x, y, ev)
+  fn = suite.correct_fn(_mlp, recipes.resolve(ev)[-1], 32, parallel.make_mesh(1))
+  before = (len(suite._COMPILED), fn._cache_size())
+  other = jax.tree.map(lambda a: a * 1.01, params)  # another model of the same architecture
+  _run(_mlp, other, x, y, ev)
+  assert (len(suite._COMPILED), fn._cache_size()) == before
+
+
+def _noisy(params, x, rng):
+  """A stochastic model: Gaussian noise on the hidden layer, drawn from rng."""
+  h = jnp.tanh(x.reshape(x.shape[0], -1) @ params['w1'] + params['b1'])
+  h = h + 0.3 * jax.random.normal(rng, h.shape)
+  return h @ params['w2'] + params['b2']
+
+
+def test_stochastic_models_get_eot_and_their_own_checks(honest):
+  params, x, y = honest
+  with pytest.raises(ValueError, match='eot_samples >= 2'):
+    _run(_noisy, params, x, y, _ev(eot_samples=1), stochastic=True)
+  res = _run(_noisy, params, x, y, _ev(eot_samples=4, attacks=('pgd',), pgd_restarts=1), stochastic=True)
+  assert {r['eot'] for r in res['robustness']} == {4}
+  assert {'frozen_noise_attack', 'eot_doubled'} <= set(res['sanity'])
+  assert res['sanity']['eps0_equals_clean']['passed']  # same draws for the clean and the eps=0 verdicts
+  assert res['clean_accuracy'] > 0.8
+
+
+def test_check_eps_is_where_the_worst_case_is_half_of_clean():
+  rows = [dict(attack='worst_case', eps=e, accuracy=a) for e, a in ((0.1, 0.9), (0.2, 0.55), (0.3, 0.1))]
+  ev = ml_collections.ConfigDict(dict(check_eps=0.0))
+  assert sanity.choose_check_eps(ev, 0.98, rows) == 0.2
+  ev.check_eps = 0.3
+  assert sanity.choose_check_eps(ev, 0.98, rows) == 0.3
+
+
+def test_grid_checks_flag_a_non_monotone_curve_and_a_weak_iterative_attack():
+  rows = [dict(attack='fgsm', eps=0.1, accuracy=0.5), dict(attack='fgsm', eps=0.2, accuracy=0.3),
+          dict(attack='pgd', eps=0.1, accuracy=0.2), dict(attack='pgd', eps=0.2, accuracy=0.4)]
+  recipe_list = recipes.resolve(_ev(attacks=('pgd',), sanity=False))
+  checks = sanity.grid_checks(0.9, rows, recipe_list, n=1000)
+  assert not checks['monotone_in_eps']['passed'] and checks['monotone_in_eps']['value'] == pytest.approx(0.2)
+  assert not checks['iterative_le_single_step']['passed']
+  assert checks['iterative_le_single_step']['value'] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize('changes,message', [
+    (dict(attacks=('pgd', 'cw')), "unknown eval.attacks entry 'cw'; available: fgsm, noise, pgd"),
+    (dict(attacks=('pgd', 'pgd')), 'lists an attack twice'),
+    (dict(attacks=()), 'eval.attacks is empty'),
+    (dict(pgd_steps=0), "eval.pgd_steps=0"),
+    (dict(norm='l1'), "unknown eval.norm 'l1'"),
+])
+def test_bad_eval_configs_are_one_clear_error(changes, message):
+  with pytest.raises(ValueError, match=message):
+    recipes.resolve(_ev(**changes))
+
+
+def test_sanity_adds_fgsm_and_noise_and_profiles_apply_first():
+  names = [r.name for r in recipes.resolve(_ev(attacks=('apgd_ce',)))]
+  assert names == ['fgsm', 'noise', 'apgd_ce']
+  cfg = config_lib.apply_overrides(config_lib.default_config(),
+                                   [('eval.pgd_steps', '7'), ('eval.profile', 'quick')])
+  assert cfg.eval.profile == 'quick' and cfg.eval.pgd_steps == 7 and cfg.eval.attacks == ('fgsm', 'noise', 'pgd',
+                                                                                           'apgd_dlr')
+  with pytest.raises(config_lib.ConfigError, match="unknown eval.profile 'strong'"):
+    config_lib.apply_overrides(config_lib.default_config(), [('eval.profile', 'strong')])
