@@ -51,6 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
                        train.lr_decay (multiplier at each milestone).
   train.checkpoint_every  epochs between checkpoints (resume granularity).
   train.eval_every     epochs between clean test-accuracy logs (0 = never).
+  train.augment        data augmentation inside the compiled epoch ('' = none,
+                       crop_flip = pad-4 random crop + horizontal flip; see
+                       ``geomrobust.training.augment``).
   eval.profile         a named bundle of the attack fields below
                        (``geomrobust.evaluation.profiles``: mnist_linf,
                        cifar10_linf, l2, quick); --config.eval.profile=NAME
@@ -98,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name='isometric'))
   c.train = ml_collections.ConfigDict(dict(
       epochs=5, batch_size=100, optimizer='adam', lr=1e-3, momentum=0.9, weight_decay=0.0,
-      lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1))
+      lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1, augment=''))
   c.eval = ml_collections.ConfigDict(dict(
       profile='', num_examples=0, batch_size=500, norm='linf', eps=(0.1, 0.2, 0.3), attacks=(),
       pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, noise_samples=0,

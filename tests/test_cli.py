@@ -76,9 +76,20 @@ def test_changed_config_on_an_existing_workdir_is_refused(shared_data_dir, tmp_p
   assert (tmp_path / 'ce' / 'results.json').read_text() == before  # nothing good overwritten
 
 
+@pytest.fixture(scope='session')
+def generated_cifar_dir(tmp_path_factory) -> str:
+  """CIFAR-10-shaped binary batches (there is no offline CIFAR-10 here)."""
+  from geomrobust.data import testing
+  folder = tmp_path_factory.mktemp('cifar') / 'cifar10'
+  testing.write_cifar10_bin(folder, n_per_train_file=40, n_test=64)
+  return str(folder.parent)
+
+
 @pytest.mark.parametrize('name', config_lib.list_experiments())
-def test_every_experiment_runs_with_smoke(name, shared_data_dir, tmp_path):
-  proc = launch(f'--experiment={name}', '--smoke', f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
+def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar_dir, tmp_path):
+  dataset = config_lib.load_experiment(name).dataset
+  data_dir = generated_cifar_dir if dataset == 'cifar10' else shared_data_dir
+  proc = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
   assert proc.returncode == 0, proc.stderr[-4000:]
   top = json.loads((tmp_path / 'results.json').read_text())
   assert top['experiment'] == name and top['smoke'] is True
@@ -93,7 +104,7 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, tmp_path):
     for row in res['robustness']:
       assert set(row) >= {'attack', 'norm', 'eps', 'steps', 'restarts', 'eot', 'accuracy'}
   # Rerunning the finished experiment trains nothing and keeps the results.
-  again = launch(f'--experiment={name}', '--smoke', f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
+  again = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
   assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
 
 
