@@ -8,6 +8,17 @@ and backward products of that MLP, nothing else) measured in the same run:
 their ratio says how close the whole step (gather, activations, loss, Adam)
 comes to the matmul roofline of this machine. Report the ratio, not absolute
 times: machines here are shared.
+
+Attack throughput: PGD-40 and APGD-CE-40 (one restart each, L-inf) on the
+MNIST CNN of ``standard_mnist`` / ``madry_mnist``, in attacked examples per
+second, through the shared evaluation's own compiled attack (so a slowdown of
+the evaluation shows up here).
+
+Sweep cost: the local-contrastive reference recipe (784-1000-10, 1,000
+training images, batch 50) trained as a 1-point and as a 50-point vmapped
+d_F sweep (``training.sweep``): seconds per epoch of each phase after
+compilation, the full 100 + 100-epoch run those imply, and the sweep's cost
+relative to 50 separate runs.
 """
 
 from __future__ import annotations
@@ -113,29 +124,92 @@ def matmul_roofline(sizes, batch, steps, repeats=3) -> float:
   return mlp_train_flops(sizes, batch) * steps / t
 
 
+def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, int, float]]:
+  """``[(name, steps, examples/s)]`` for PGD-CE and APGD-CE on the MNIST CNN (random weights
+  and inputs: the cost of an attack does not depend on them)."""
+  from geomrobust import evaluation
+  from geomrobust.evaluation import suite
+  cfg = config_lib.load_experiment('standard_mnist')
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  params = method.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(size=(n, 28, 28, 1)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, size=n), jnp.int32)
+  ev = cfg.eval
+  with ev.unlocked():
+    ev.pgd_steps, ev.pgd_restarts, ev.apgd_steps, ev.apgd_restarts = steps, 1, steps, 1
+  mesh = parallel.make_mesh(0)
+  available = evaluation.recipes.available(ev)
+  out = []
+  for name, label in (('pgd', f'PGD-{steps} (CE)'), ('apgd_ce', f'APGD-CE-{steps}')):
+    run = suite.correct_fn(method.logits, available[name], batch, mesh)
+    args = (params, x, y, jnp.arange(n), jax.random.key(0), jnp.float32(0.3), None)
+    jax.block_until_ready(run(*args))  # compile
+    t = _best_time(lambda: jax.block_until_ready(run(*args)), repeats)
+    out.append((label, steps, n / t))
+  return out
+
+
+def sweep_epoch_seconds(points: int, epochs: int = 3) -> dict[str, float]:
+  """Steady-state seconds per epoch of each phase of a ``points``-value d_F sweep
+  (one seed) on the local-contrastive reference recipe, compilation excluded."""
+  from geomrobust.training import sweep as sweep_lib
+  cfg = config_lib.load_experiment('local_contrastive_mnist')
+  with cfg.unlocked():
+    cfg.train.epochs = epochs
+    cfg.method.readout_epochs = epochs
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, size=(1000, 28, 28, 1), dtype=np.uint8)
+  y = (np.arange(1000) % 10).astype(np.int32)
+  grid = sweep_lib.Grid('d_f', tuple(float(v) for v in np.linspace(0, 1.2, points)), (0,))
+  res = sweep_lib.train_sweep(method, grid, x, y, x[:100], y[:100], cfg, None, parallel.make_mesh(0),
+                              mean_last=0, log=lambda s: None)
+  return {k: (res.phase_seconds[k] - res.first_epoch_seconds[k]) / (epochs - 1) for k in res.phase_seconds}
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=3, help='timed repetitions (best is reported)')
   parser.add_argument('--n_train', type=int, default=60000, help='examples per benchmark epoch')
+  parser.add_argument('--sections', default='train,attack,sweep',
+                      help='comma-separated subset of: train, attack, sweep')
   args = parser.parse_args(argv)
+  sections = set(args.sections.split(','))
   dev = jax.devices()
   print(f'devices: {len(dev)} x {dev[0].platform} ({dev[0].device_kind}); host cores: {os.cpu_count()}')
 
-  t, steps = train_epoch_benchmark((100,) * 5, 100, method='isometric', activation='tanh',
-                                   n_train=args.n_train, repeats=args.repeats)
-  print(f'isometric MLP 784-100x5-10 (tanh, beta>0), batch 100: {steps * 100 / t:,.0f} examples/s '
-        f'({t:.2f} s per epoch of {steps} steps, one dispatch per epoch)')
+  if 'train' in sections:
+    t, steps = train_epoch_benchmark((100,) * 5, 100, method='isometric', activation='tanh',
+                                     n_train=args.n_train, repeats=args.repeats)
+    print(f'isometric MLP 784-100x5-10 (tanh, beta>0), batch 100: {steps * 100 / t:,.0f} examples/s '
+          f'({t:.2f} s per epoch of {steps} steps, one dispatch per epoch)')
 
-  sizes, batch = (784, 1000, 1000, 10), 128
-  t, steps = train_epoch_benchmark(sizes[1:-1], batch, method='standard', activation='relu',
-                                   n_train=args.n_train, repeats=args.repeats)
-  step_flops = mlp_train_flops(sizes, batch) * steps / t
-  print(f'wide MLP 784-1000-1000-10 (relu, CE, Adam), batch 128: {steps * batch / t:,.0f} examples/s '
-        f'({t:.2f} s per epoch of {steps} steps)')
-  roof = matmul_roofline(sizes, batch, steps, repeats=args.repeats)
-  print(f'wide MLP train step: {step_flops / 1e9:.1f} GFLOP/s (matmul FLOPs)')
-  print(f'plain jitted matmuls, same GEMM shapes: {roof / 1e9:.1f} GFLOP/s')
-  print(f'ratio train step / matmul roofline: {step_flops / roof:.3f} (target >= 0.90)')
+    sizes, batch = (784, 1000, 1000, 10), 128
+    t, steps = train_epoch_benchmark(sizes[1:-1], batch, method='standard', activation='relu',
+                                     n_train=args.n_train, repeats=args.repeats)
+    step_flops = mlp_train_flops(sizes, batch) * steps / t
+    print(f'wide MLP 784-1000-1000-10 (relu, CE, Adam), batch 128: {steps * batch / t:,.0f} examples/s '
+          f'({t:.2f} s per epoch of {steps} steps)')
+    roof = matmul_roofline(sizes, batch, steps, repeats=args.repeats)
+    print(f'wide MLP train step: {step_flops / 1e9:.1f} GFLOP/s (matmul FLOPs)')
+    print(f'plain jitted matmuls, same GEMM shapes: {roof / 1e9:.1f} GFLOP/s')
+    print(f'ratio train step / matmul roofline: {step_flops / roof:.3f} (target >= 0.90)')
+
+  if 'attack' in sections:
+    for name, steps, ex_s in attack_benchmark(repeats=args.repeats):
+      print(f'{name} on the MNIST CNN (conv16-conv32-fc256), batch 500: {ex_s:,.0f} examples/s '
+            f'({steps} gradient steps each)')
+
+  if 'sweep' in sections:
+    per_epoch = {v: sweep_epoch_seconds(v) for v in (1, 50)}
+    full = {v: 100 * sum(per_epoch[v].values()) for v in per_epoch}
+    for v, phases in per_epoch.items():
+      print(f'local-contrastive sweep, {v:>2} d_F point(s): ' +
+            ', '.join(f'{k} {t:.3f} s/epoch' for k, t in phases.items()) +
+            f' -> {full[v]:.0f} s for the 100 + 100-epoch recipe')
+    print(f'50-point sweep / 1-point run: {full[50] / full[1]:.1f}x the time for 50x the models '
+          f'({full[50] / (50 * full[1]):.2f} of 50 separate runs)')
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from geomrobust.models import common
+from geomrobust.models.conv import Conv
 
 
 class SmallCNN(nn.Module):
@@ -37,7 +38,7 @@ class SmallCNN(nn.Module):
     h = x
     for b, ch in enumerate(self.channels):
       for c in range(self.convs_per_block):
-        h = act(nn.Conv(ch, (self.kernel_size, self.kernel_size), padding='SAME',
+        h = act(Conv(ch, (self.kernel_size, self.kernel_size), padding='SAME',
                         kernel_init=kinit, name=f'conv_{b}_{c}')(h))
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
       reps.append(h)

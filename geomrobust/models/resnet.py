@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from geomrobust.models import common
+from geomrobust.models.conv import Conv
 
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Flax's 0.9).
 _BN_MOMENTUM = 0.9
@@ -47,8 +48,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     kinit = common.kernel_init(self.weight_init)
-    conv = lambda f, k, s, name: nn.Conv(f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2,
-                                         use_bias=False, kernel_init=kinit, name=name)
+    conv = lambda f, k, s, name: Conv(f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2,
+                                      use_bias=False, kernel_init=kinit, name=name)
     norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
                                      epsilon=_BN_EPSILON, name=name)
     needs_projection = self.stride != 1 or x.shape[-1] != self.features
@@ -93,8 +94,8 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     kinit = common.kernel_init(self.weight_init)
-    h = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kinit,
-                name='stem_conv')(x)
+    h = Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kinit,
+             name='stem_conv')(x)
     if not self.preact:
       h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
                                name='stem_bn')(h))

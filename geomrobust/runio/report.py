@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def plot_accuracy_vs_eps(path: pathlib.Path, series: dict[str, list[tuple[float,
   ax.set_ylabel('accuracy (%)')
   ax.set_ylim(-2, 102)
   ax.grid(alpha=0.3)
-  ax.set_title(title, fontsize=10)
+  ax.set_title(textwrap.fill(title, 70), fontsize=9)  # Long titles wrap instead of being cut.
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
