@@ -76,6 +76,10 @@ def test_adversarial_training_beats_ce_under_attack(spec, tmp_path):
   assert at_clean > 0.9, at_clean       # at little clean cost here.
 
 
+def _ce(method, params, x, y):
+  return -jnp.mean(jax.nn.log_softmax(method.logits(params, x))[jnp.arange(len(y)), y])
+
+
 def _batch(x, y):
   return {'image': jnp.asarray(x, jnp.float32) / 255.0, 'label': jnp.asarray(y)}
 
@@ -93,7 +97,7 @@ def test_pgd_at_loss_is_ce_at_the_stopped_attack_point():
   # The same attack point (same key), then CE there with the point held fixed:
   k_attack, _ = jax.random.split(rng)
   x_adv = method.adversarial(params, batch['image'], batch['label'], k_attack, hp)
-  ce = lambda p: -jnp.mean(jax.nn.log_softmax(method.logits(p, x_adv))[jnp.arange(32), batch['label']])
+  ce = lambda p: _ce(method, p, x_adv, batch['label'])
   np.testing.assert_allclose(float(loss), float(ce(params)), rtol=1e-5)
   # No gradient flows through the attack into the weights.
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(jax.grad(ce)(params))):
@@ -101,7 +105,7 @@ def test_pgd_at_loss_is_ce_at_the_stopped_attack_point():
   # The training example is in the ball and in [0, 1], and the attack hurts.
   gap = jnp.max(jnp.abs(x_adv - batch['image']))
   assert float(gap) <= 0.15 + 1e-6 and float(jnp.min(x_adv)) >= 0 and float(jnp.max(x_adv)) <= 1
-  clean_loss = -jnp.mean(jax.nn.log_softmax(method.logits(params, batch['image']))[jnp.arange(32), batch['label']])
+  clean_loss = _ce(method, params, batch['image'], batch['label'])
   assert float(loss) > float(clean_loss)
   assert method.step_size == pytest.approx(2.5 * 0.15 / 7)
 
@@ -142,7 +146,7 @@ def test_trades_loss_terms_and_its_attack():
   assert float(m['kl']) > 0
   # beta = 0 is exactly clean cross-entropy.
   loss0, m0 = phase.loss_fn(params, batch, jax.random.key(2), dict(hp, beta=jnp.float32(0)))
-  clean = -jnp.mean(jax.nn.log_softmax(method.logits(params, batch['image']))[jnp.arange(32), batch['label']])
+  clean = _ce(method, params, batch['image'], batch['label'])
   np.testing.assert_allclose(float(loss0), float(clean), rtol=1e-6)
   # The attack climbs the KL: far above the KL of its 0.001-noise start, inside the ball.
   x = batch['image']

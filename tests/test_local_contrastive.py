@@ -17,6 +17,7 @@ import pytest
 from geomrobust import config as config_lib
 from geomrobust import models
 from geomrobust import parallel
+from geomrobust.data import testing
 from geomrobust.geometry import pairs
 from geomrobust.methods import build_method
 from geomrobust.methods import local_contrastive as lc
@@ -42,11 +43,7 @@ def lc_config(hidden=(32,), d_f=0.5, epochs=3, readout_epochs=2, seed=0):
 
 
 def tiny_data(n=256, seed=0):
-  rng = np.random.default_rng(seed)
-  y = (np.arange(n) % 10).astype(np.int32)
-  centers = rng.integers(0, 255, size=(10, 8, 8, 1))
-  x = np.clip(centers[y] + rng.normal(0, 40, size=(n, 8, 8, 1)), 0, 255).astype(np.uint8)
-  return x, y
+  return testing.class_blobs(n, seed)
 
 
 def _method(cfg):

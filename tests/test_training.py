@@ -18,6 +18,7 @@ from geomrobust import config as config_lib
 from geomrobust import experiment
 from geomrobust import models
 from geomrobust import parallel
+from geomrobust.data import testing
 from geomrobust import runio
 from geomrobust.methods import build_method
 from geomrobust.training import loop
@@ -40,12 +41,7 @@ def tiny_config(**train):
 
 
 def tiny_data(n=256, seed=0):
-  rng = np.random.default_rng(seed)
-  y = (np.arange(n) % 10).astype(np.int32)
-  # Class-dependent blobs so training makes progress.
-  centers = rng.integers(0, 255, size=(10, 8, 8, 1))
-  x = np.clip(centers[y] + rng.normal(0, 40, size=(n, 8, 8, 1)), 0, 255).astype(np.uint8)
-  return x, y
+  return testing.class_blobs(n, seed)
 
 
 def _method(cfg):

@@ -82,3 +82,14 @@ def write_cifar10_bin(
     images = rng.integers(0, 256, size=(n, HEIGHT, WIDTH, CHANNELS), dtype=np.uint8)
     labels = np.arange(n) % 10
     (target / name).write_bytes(encode_cifar_records(images, labels))
+
+
+def class_blobs(n: int = 256, seed: int = 0, shape=(8, 8, 1), num_classes: int = 10, noise: float = 40.0):
+  """A tiny learnable dataset: uint8 images ``[n, *shape]`` around one random
+  centre per class (Gaussian pixel noise of std ``noise``), labels ``[n]``
+  cycling through the classes. For fast training tests."""
+  rng = np.random.default_rng(seed)
+  y = (np.arange(n) % num_classes).astype(np.int32)
+  centers = rng.integers(0, 255, size=(num_classes,) + tuple(shape))
+  x = np.clip(centers[y] + rng.normal(0, noise, size=(n,) + tuple(shape)), 0, 255).astype(np.uint8)
+  return x, y
