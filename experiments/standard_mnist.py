@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.optimizer = 'adam'
   c.train.lr = 1e-3
   profiles.apply_profile(c.eval, 'mnist_linf')
-  c.eval.num_examples = 1000
+  c.eval.num_examples = 500    # the strong profile costs ~1,200 CNN gradients per example and eps on a CPU
   c.eval.batch_size = 500
   c.eval.eps = (0.1, 0.2, 0.3)
   c.settings = ml_collections.ConfigDict({'full': FULL_MODEL + ('eval.num_examples=0', 'train.epochs=10')})

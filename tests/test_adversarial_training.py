@@ -110,6 +110,21 @@ def test_pgd_at_loss_is_ce_at_the_stopped_attack_point():
   assert method.step_size == pytest.approx(2.5 * 0.15 / 7)
 
 
+def test_eps_warmup_scales_the_training_attack():
+  from geomrobust.methods import base
+  assert float(base.warmup_fraction({'step': jnp.int32(0)}, 4)) == pytest.approx(0.25)
+  assert float(base.warmup_fraction({'step': jnp.int32(9)}, 4)) == 1.0
+  assert float(base.warmup_fraction({}, 4)) == 1.0  # outside training: the full radius
+  cfg = at_config(dict(PGD_AT, eps_warmup_steps=10))
+  method = _method(cfg)
+  params = method.init_params(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+  batch = _batch(*synthetic(32))
+  hp = dict(method.hparams(), step=jnp.int32(1))  # 2/10 of the ramp: radius 0.03
+  x_adv = method.adversarial(params, batch['image'], batch['label'], jax.random.key(1), hp)
+  gap = float(jnp.max(jnp.abs(x_adv - batch['image'])))
+  assert 0.02 < gap <= 0.03 + 1e-6
+
+
 def test_fast_at_takes_one_random_start_step():
   cfg = at_config(dict(PGD_AT, attack='fgsm_rs'))
   method = _method(cfg)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -106,6 +107,11 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
   # Rerunning the finished experiment trains nothing and keeps the results.
   again = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
   assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
+  # Every kind of run (single, family member, member of a vmapped sweep) loads back as a classifier.
+  run = geomrobust.load_run(tmp_path, members[-1]) if members[-1] else geomrobust.load_run(tmp_path)
+  shape = (1, 32, 32, 3) if dataset == 'cifar10' else (1, 28, 28, 1)
+  out = run.logits(jnp.full(shape, 0.5, jnp.float32))
+  assert out.shape == (1, 10) and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_load_run_gives_a_pure_jax_classifier(shared_data_dir, tmp_path):

@@ -84,7 +84,9 @@ class Method:
 
   def hparams(self) -> dict[str, jax.Array]:
     """Float hyperparameters the loss reads as *traced* values, so a sweep can
-    vmap over them (one compiled program for a whole grid)."""
+    vmap over them (one compiled program for a whole grid). The training step
+    adds ``hparams['step']`` (int32, the global optimiser step, from 0) for
+    losses that follow a schedule (e.g. :func:`warmup_fraction`)."""
     return {}
 
   def apply(self, params: Params, x: jax.Array, rng: jax.Array | None = None, train: bool = False):
@@ -138,6 +140,14 @@ class Method:
     """Method-specific geometric diagnostics on test data (JSON-able dict)."""
     del params, images, labels
     return {}
+
+
+def warmup_fraction(hparams: dict, warmup_steps: int) -> jax.Array:
+  """``min(1, (step + 1) / warmup_steps)`` for ``hparams['step']``; 1 when
+  ``warmup_steps <= 0`` or no step is given (outside training)."""
+  if warmup_steps <= 0 or 'step' not in hparams:
+    return jnp.float32(1.0)
+  return jnp.minimum(1.0, (hparams['step'].astype(jnp.float32) + 1.0) / float(warmup_steps))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

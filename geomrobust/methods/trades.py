@@ -25,6 +25,8 @@ Config (``config.method``):
   step_size   absolute attack step (traced hparam); 0 = 2.5 * eps / steps.
   steps       attack steps per training batch.
   norm        'linf' or 'l2' (the reference is linf).
+  eps_warmup_steps  ramp eps and step size linearly over the first W
+              optimiser steps (0 = off, the reference; see ``pgd_at``).
 
 Metrics per step: ``loss``, ``ce`` (clean), ``kl``, ``accuracy`` (clean,
 train mode) and ``adv_accuracy`` (on x_adv, train mode).
@@ -69,6 +71,7 @@ class Trades(base.Method):
       raise ValueError(f'trades needs method.eps, method.step_size, method.steps and method.beta >= 0; got '
                        f'eps={self.eps}, step_size={step}, steps={self.steps}, beta={self.beta}')
     self.step_size = step or 2.5 * self.eps / max(self.steps, 1)
+    self.eps_warmup_steps = int(m.get('eps_warmup_steps', 0))
 
   def hparams(self):
     return {'beta': jnp.float32(self.beta), 'eps': jnp.float32(self.eps),
@@ -91,7 +94,8 @@ class Trades(base.Method):
       return kl_divergence(log_p_clean, logits)
 
     x_init = x + START_STD * jax.random.normal(k_start, x.shape, x.dtype)
-    return attacks.pgd(logits_fn, x, labels, k_attack, eps=hparams['eps'], step_size=hparams['step_size'],
+    ramp = base.warmup_fraction(hparams, self.eps_warmup_steps)
+    return attacks.pgd(logits_fn, x, labels, k_attack, eps=ramp * hparams['eps'], step_size=ramp * hparams['step_size'],
                        steps=self.steps, norm=self.norm, loss=kl_to_clean, x_init=x_init, return_last=True)
 
   def _loss(self, params, batch, rng, hparams):

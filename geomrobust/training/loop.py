@@ -108,8 +108,9 @@ def make_train_step(loss_fn: base.LossFn, tx: optax.GradientTransformation):
   """
 
   def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    # The loss also sees the global step (hparams['step'], int32) for schedules.
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, batch, rng, state.hparams)
+        state.params, batch, rng, dict(state.hparams, step=state.step))
     metrics = dict(metrics)
     model_state = metrics.pop(base.MODEL_STATE, None)
     has_state = isinstance(state.params, dict) and base.MODEL_STATE in state.params
