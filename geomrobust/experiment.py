@@ -78,7 +78,9 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   path = workdir / 'config.json'
   if not path.exists():
     return
-  old = _training_view(runio.read_json(path))
+  # Fields added to default_config() since that run was written count as
+  # their defaults, so upgrading geomrobust does not orphan finished runs.
+  old = _training_view(json.loads(config_lib.to_json(config_lib.with_defaults(runio.read_json(path)))))
   new = _training_view(json.loads(config_lib.to_json(config)))
   diff = _config_diff(old, new)
   if diff:

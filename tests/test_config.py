@@ -86,3 +86,16 @@ def test_smoke_shrinks_but_keeps_the_path():
   assert cfg.smoke_run and cfg.train.epochs <= 2 and cfg.eval.num_examples <= 64
   assert cfg.data.train_examples <= 512 and cfg.eval.pgd_steps >= 1
   assert len(config_lib.member_configs(cfg)) >= 2
+
+
+def test_a_run_written_before_a_new_default_field_still_resumes(tmp_path):
+  import json
+  from geomrobust import experiment
+  cfg = config_lib.load_experiment('isometric_mnist')
+  stored = json.loads(config_lib.to_json(cfg))
+  del stored['train']['augment']  # as written by a version without that field
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  experiment.check_workdir_config(tmp_path, cfg)  # no error: the default is what that run used
+  cfg.train.augment = 'crop_flip'
+  with pytest.raises(config_lib.ConfigError, match="train.augment: '' -> 'crop_flip'"):
+    experiment.check_workdir_config(tmp_path, cfg)

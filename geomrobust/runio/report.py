@@ -134,20 +134,26 @@ def _geometry_lines(geometry: dict) -> list[str]:
   return lines + ['']
 
 
+def _run_name(results: dict, workdir: pathlib.Path) -> str:
+  """'experiment — member' for a member's folder, just the experiment's name otherwise."""
+  experiment, folder = results.get('experiment', ''), pathlib.Path(workdir).name
+  return f'{experiment} — {folder}' if experiment and folder != experiment else (experiment or folder)
+
+
 def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
   """report.md + accuracy_vs_eps.png for one model."""
   workdir = pathlib.Path(workdir)
   curves = _curves(results, with_clean=True)
   if curves:
     plot_accuracy_vs_eps(workdir / 'accuracy_vs_eps.png', curves,
-                         f'{results.get("experiment", "")} {pathlib.Path(workdir).name}: accuracy vs eps '
+                         f'{_run_name(results, workdir)}: accuracy vs eps '
                          '(eps=0: clean)')
   convergence = results.get('convergence') or []
   plot_convergence(workdir / 'attack_loss_vs_step.png', convergence,
-                   f'{results.get("experiment", "")} {workdir.name}: attack loss per step, first '
+                   f'{_run_name(results, workdir)}: attack loss per step, first '
                    f'{len(convergence[0]["losses"]) if convergence else 0} test examples')
   t = results.get('timing', {})
-  lines = [f'# {results.get("experiment", "")} — {workdir.name}', '']
+  lines = [f'# {_run_name(results, workdir)}', '']
   if results.get('smoke'):
     lines += ['> SMOKE RUN: tiny data, few epochs and weakened attacks. These numbers test the code path only.', '']
   lines += [f'- method: `{results["method"]}`, dataset: `{results["dataset"]}`, seed {results["seed"]}',
