@@ -16,7 +16,8 @@ the evaluation shows up here).
 
 Sweep cost: the local-contrastive reference recipe (784-1000-10, 1,000
 training images, batch 50) trained as a 1-point and as a 50-point vmapped
-d_F sweep (``training.sweep``): seconds per epoch of each phase after
+d_F sweep (``training.sweep``), all members vmapped at once and chunked one
+by one inside the same program: seconds per epoch of each phase after
 compilation, the full 100 + 100-epoch run those imply, and the sweep's cost
 relative to 50 separate runs.
 """
@@ -150,7 +151,7 @@ def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, 
   return out
 
 
-def sweep_epoch_seconds(points: int, epochs: int = 3) -> dict[str, float]:
+def sweep_epoch_seconds(points: int, epochs: int = 3, chunk_size: int = 0) -> dict[str, float]:
   """Steady-state seconds per epoch of each phase of a ``points``-value d_F sweep
   (one seed) on the local-contrastive reference recipe, compilation excluded."""
   from geomrobust.training import sweep as sweep_lib
@@ -164,7 +165,7 @@ def sweep_epoch_seconds(points: int, epochs: int = 3) -> dict[str, float]:
   y = (np.arange(1000) % 10).astype(np.int32)
   grid = sweep_lib.Grid('d_f', tuple(float(v) for v in np.linspace(0, 1.2, points)), (0,))
   res = sweep_lib.train_sweep(method, grid, x, y, x[:100], y[:100], cfg, None, parallel.make_mesh(0),
-                              mean_last=0, log=lambda s: None)
+                              chunk_size=chunk_size, mean_last=0, log=lambda s: None)
   return {k: (res.phase_seconds[k] - res.first_epoch_seconds[k]) / (epochs - 1) for k in res.phase_seconds}
 
 
@@ -202,14 +203,18 @@ def main(argv=None):
             f'({steps} gradient steps each)')
 
   if 'sweep' in sections:
-    per_epoch = {v: sweep_epoch_seconds(v) for v in (1, 50)}
-    full = {v: 100 * sum(per_epoch[v].values()) for v in per_epoch}
-    for v, phases in per_epoch.items():
-      print(f'local-contrastive sweep, {v:>2} d_F point(s): ' +
-            ', '.join(f'{k} {t:.3f} s/epoch' for k, t in phases.items()) +
-            f' -> {full[v]:.0f} s for the 100 + 100-epoch recipe')
-    print(f'50-point sweep / 1-point run: {full[50] / full[1]:.1f}x the time for 50x the models '
-          f'({full[50] / (50 * full[1]):.2f} of 50 separate runs)')
+    # (points, chunk_size): one run; 50 points vmapped at once; 50 points one after another in one program.
+    cases = {(1, 0): '1 d_F point', (50, 0): '50 d_F points, all vmapped', (50, 1): '50 d_F points, chunk_size=1'}
+    full = {}
+    for (points, chunk), label in cases.items():
+      phases = sweep_epoch_seconds(points, chunk_size=chunk)
+      full[points, chunk] = 100 * sum(phases.values())
+      print(f'local-contrastive sweep, {label}: ' + ', '.join(f'{k} {t:.3f} s/epoch' for k, t in phases.items()) +
+            f' -> {full[points, chunk]:.0f} s for the 100 + 100-epoch recipe')
+    for chunk in (0, 1):
+      ratio = full[50, chunk] / full[1, 0]
+      print(f'50-point sweep (chunk_size={chunk}) / 1-point run: {ratio:.1f}x the time for 50x the models '
+            f'({ratio / 50:.2f} of 50 separate runs)')
 
 
 if __name__ == '__main__':
