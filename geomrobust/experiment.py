@@ -73,15 +73,30 @@ def _config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
+def _fill_missing_defaults(old: dict, new: dict, defaults: dict) -> None:
+  """Sets in ``old`` the keys that ``new`` and ``defaults`` have and ``old`` lacks,
+  to their default values (only where ``old`` has the enclosing section; a
+  section an experiment replaces, e.g. ``model``, keeps its own keys)."""
+  for key, value in new.items():
+    if key not in defaults:
+      continue
+    if isinstance(value, dict):
+      if isinstance(old.get(key), dict) and isinstance(defaults[key], dict):
+        _fill_missing_defaults(old[key], value, defaults[key])
+    elif key not in old:
+      old[key] = json.loads(json.dumps(defaults[key], default=str))
+
+
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose training config differs (would mix runs)."""
   path = workdir / 'config.json'
   if not path.exists():
     return
+  old = _training_view(runio.read_json(path))
+  new = _training_view(json.loads(config_lib.to_json(config)))
   # Fields added to default_config() since that run was written count as
   # their defaults, so upgrading geomrobust does not orphan finished runs.
-  old = _training_view(json.loads(config_lib.to_json(config_lib.with_defaults(runio.read_json(path)))))
-  new = _training_view(json.loads(config_lib.to_json(config)))
+  _fill_missing_defaults(old, new, config_lib.default_config().to_dict())
   diff = _config_diff(old, new)
   if diff:
     raise config_lib.ConfigError(

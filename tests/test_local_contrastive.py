@@ -1,10 +1,5 @@
 """Local contrastive (Fermi-Bose) learning: locality, the pair loss, collapse, vmapped sweeps."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -24,7 +19,6 @@ from geomrobust.methods import local_contrastive as lc
 from geomrobust.training import loop
 from geomrobust.training import sweep as sweep_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def lc_config(hidden=(32,), d_f=0.5, epochs=3, readout_epochs=2, seed=0):
@@ -245,13 +239,8 @@ SHARDED_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_sharded_local_step_and_sharded_sweep_match_one_device(tmp_path):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = SHARDED_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path))
-  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads((tmp_path / 'out.json').read_text())
+def test_sharded_local_step_and_sharded_sweep_match_one_device(run_on_8_cpu_devices):
+  out = run_on_8_cpu_devices(SHARDED_SCRIPT)
   for kind in ('loop', 'sweep'):
     for a, b in zip(out[f'{kind}1'], out[f'{kind}8']):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -1,10 +1,6 @@
 """The training loop: compiled once, sharded == unsharded, resume == uninterrupted, NaN stops."""
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -23,7 +19,6 @@ from geomrobust import runio
 from geomrobust.methods import build_method
 from geomrobust.training import loop
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**train):
@@ -183,13 +178,8 @@ SHARDED_SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_sharded_step_on_8_devices_matches_one_device(tmp_path):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES='8', JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = SHARDED_SCRIPT.format(repo=str(REPO), tmp=str(tmp_path))
-  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads((tmp_path / 'out.json').read_text())
+def test_sharded_step_on_8_devices_matches_one_device(run_on_8_cpu_devices):
+  out = run_on_8_cpu_devices(SHARDED_SCRIPT)
   for a, b in zip(out['1'], out['8']):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
