@@ -24,31 +24,13 @@ CIFAR-10 data and no accelerator were available where it was written.
 
 import ml_collections
 
-from geomrobust.config import default_config
-from geomrobust.evaluation import profiles
-
-EPS = 8 / 255
+from geomrobust.config import load_experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default_config()
-  c.dataset = 'cifar10'
-  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=64, preact=False, weight_init='he'))
-  c.method = ml_collections.ConfigDict(dict(name='trades', beta=6.0, eps=EPS, step_size=0.007, steps=10,
+  c = load_experiment('madry_cifar10')  # the same ResNet-18, data, augmentation and evaluation
+  c.method = ml_collections.ConfigDict(dict(name='trades', beta=6.0, eps=8 / 255, step_size=0.007, steps=10,
                                             norm='linf'))
-  c.train.epochs = 100
-  c.train.batch_size = 128
-  c.train.optimizer = 'sgd'
-  c.train.lr = 0.1
-  c.train.momentum = 0.9
   c.train.weight_decay = 2e-4
   c.train.lr_milestones = (75, 90)
-  c.train.lr_decay = 0.1
-  c.train.augment = 'crop_flip'
-  c.train.checkpoint_every = 5
-  profiles.apply_profile(c.eval, 'cifar10_linf')
-  c.eval.num_examples = 0
-  c.eval.batch_size = 500
-  c.eval.eps = (2 / 255, 4 / 255, EPS)
-  c.smoke = (('model.width', '4'), ('method.steps', '2'), ('data.verify', 'false'))
   return c

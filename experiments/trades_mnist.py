@@ -26,26 +26,14 @@ numbers are in README.md.
 
 import ml_collections
 
-from geomrobust.config import default_config
-from geomrobust.evaluation import profiles
+from geomrobust.config import load_experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = default_config()
-  c.dataset = 'mnist'
-  c.model = ml_collections.ConfigDict(dict(
-      name='cnn', channels=(16, 32), convs_per_block=1, kernel_size=5, dense=(256,), activation='relu',
-      weight_init='lecun'))
+  c = load_experiment('standard_mnist')  # the same CNN, data and evaluation; another objective
   c.method = ml_collections.ConfigDict(dict(name='trades', beta=6.0, eps=0.3, step_size=0.0, steps=10, norm='linf',
                                             eps_warmup_steps=0))
   c.train.epochs = 6
-  c.train.batch_size = 100
-  c.train.optimizer = 'adam'
-  c.train.lr = 1e-3
-  profiles.apply_profile(c.eval, 'mnist_linf')
-  c.eval.num_examples = 500    # the strong profile costs ~1,200 CNN gradients per example and eps on a CPU
-  c.eval.batch_size = 500
-  c.eval.eps = (0.1, 0.2, 0.3)
   c.settings = ml_collections.ConfigDict({
       'full': ('model.channels=32,64', 'model.convs_per_block=2', 'model.kernel_size=3', 'model.dense=200,200',
                'method.steps=40', 'method.step_size=0.01', 'train.optimizer=sgd', 'train.lr=0.01',
