@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
       'full': (f'sweep.grid={_grid(0.005)}', 'sweep.seeds=5', 'sweep.chunk_size=128',
                'sweep.screen_examples=1000', 'sweep.strong_seeds=5'),
   })
-  c.smoke = (('sweep.grid', '0,0.5'), ('sweep.seeds', '2'), ('method.readout_epochs', '2'),
-             ('sweep.mean_last_epochs', '2'), ('sweep.screen_examples', '64'), ('sweep.geometry_examples', '64'),
-             ('method.paper_examples', '64'), ('sweep.strong', 'baseline,best_clean'))
+  c.smoke = ('sweep.grid=0,0.5', 'sweep.seeds=2', 'method.readout_epochs=2', 'sweep.mean_last_epochs=2',
+             'sweep.screen_examples=64', 'sweep.geometry_examples=64', 'method.paper_examples=64',
+             'sweep.strong=baseline,best_clean')
   return c

@@ -53,5 +53,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.eps = (2 / 255, 4 / 255, EPS)
   # Smoke: a narrow ResNet and a 2-step training attack keep the path, not the cost.
-  c.smoke = (('model.width', '4'), ('method.steps', '2'), ('data.verify', 'false'))
+  c.smoke = ('model.width=4', 'method.steps=2', 'data.verify=false')
   return c

@@ -48,5 +48,5 @@ def get_config() -> ml_collections.ConfigDict:
       'full': FULL_MODEL + ('method.steps=40', 'method.step_size=0.01', 'method.eps_warmup_steps=0', 'train.lr=1e-4',
                             'train.batch_size=50', 'train.epochs=84', 'eval.num_examples=0'),
   })
-  c.smoke = (('method.steps', '2'),)
+  c.smoke = ('method.steps=2',)
   return c

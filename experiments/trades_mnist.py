@@ -40,5 +40,5 @@ def get_config() -> ml_collections.ConfigDict:
                'train.momentum=0.9', 'train.batch_size=128', 'train.epochs=100', 'train.lr_milestones=55,75,90',
                'eval.num_examples=0'),
   })
-  c.smoke = (('method.steps', '2'),)
+  c.smoke = ('method.steps=2',)
   return c

@@ -206,7 +206,7 @@ def _coerce(value: Any, like: Any) -> Any:
   if isinstance(like, (tuple, list)):
     if isinstance(value, str):
       # Allow the shell-friendly form a,b,c for sequences.
-      value = tuple(_literal(p) for p in value.split(',')) if value else ()
+      value = tuple(_literal(p) for p in _split_top(value, ',')) if value else ()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       value = (value,)
     if not isinstance(value, (tuple, list)):
@@ -224,27 +224,67 @@ def _type_name(like: Any) -> str:
   return 'bool' if isinstance(like, bool) else type(like).__name__
 
 
-def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
-  """Sets ``config.<key>`` from the command-line string ``text``, type-checked."""
+# Sections whose fields depend on what is chosen inside them (the method's
+# hyperparameters, the model's architecture, a probe's options): an override
+# may add a key to one of them when the same overrides also pick its ``name``
+# (or replace the whole section), e.g. ``method.name=x; method.smoothing=0.1``.
+OPEN_SECTIONS = ('method', 'model', 'data', 'probes')
+
+
+def _section_value(text: str):
+  """A whole-section value: a dict literal like ``{'name': 'cnn', 'channels': (16, 32)}``."""
+  value = _literal(text)
+  if not isinstance(value, dict):
+    raise ValueError('a section takes a dict like {"name": "cnn", ...}')
+  return ml_collections.ConfigDict(value)
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, may_add: bool = False) -> None:
+  """Sets ``config.<key>`` from the string ``text``, type-checked.
+
+  ``key=value`` is the one override syntax (``--config.key=value``, members,
+  settings and smoke all use it). A key naming a section takes a dict literal
+  and replaces the section. A new key is accepted only with ``may_add`` (its
+  section is being re-chosen, see ``OPEN_SECTIONS``); its type is the literal's.
+  """
   parts = key.split('.')
   node = config
-  for i, part in enumerate(parts):
+  for i, part in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      valid = ', '.join(_flat_keys(config))
-      raise ConfigError(f'unknown config key {key!r}; valid keys: {valid}')
-    if i < len(parts) - 1:
-      node = node[part]
-  like = node[parts[-1]]
-  if isinstance(like, ml_collections.ConfigDict):
-    sub = ', '.join(f'{key}.{k}' for k in _flat_keys(like))
-    raise ConfigError(f'{key!r} is a group, not a value; set one of: {sub}')
+      raise ConfigError(f'unknown config key {key!r}; valid keys: {", ".join(_flat_keys(config))}')
+    node = node[part]
+  leaf = parts[-1]
+  if not isinstance(node, ml_collections.ConfigDict):
+    raise ConfigError(f'unknown config key {key!r}; valid keys: {", ".join(_flat_keys(config))}')
+  if leaf not in node:
+    if not may_add:
+      hint = ''
+      if parts[0] in OPEN_SECTIONS and len(parts) > 1:
+        hint = (f' (to add a field, set it together with {parts[0]}.name, or replace the section: '
+                f'{parts[0]}={{...}})')
+      raise ConfigError(f'unknown config key {key!r}{hint}; valid keys: {", ".join(_flat_keys(config))}')
+    with node.unlocked():
+      node[leaf] = _literal(text)
+    return
+  like = node[leaf]
   try:
-    value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
+    if isinstance(like, ml_collections.ConfigDict):
+      value = _section_value(text)
+    else:
+      value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
   except ValueError as e:
     raise ConfigError(f'bad value {text!r} for --config.{key}: {e} (the field is a {_type_name(like)}, '
                       f'currently {like!r})') from None
   with node.ignore_type():
-    node[parts[-1]] = value
+    node[leaf] = value
+
+
+def parse_assignment(item: str, where: str) -> tuple[str, str]:
+  """``'a.b=1'`` -> ``('a.b', '1')`` (the one override syntax)."""
+  key, eq, value = str(item).partition('=')
+  if not eq or not key.strip():
+    raise ConfigError(f'{where}: {item!r} is not key=value')
+  return key.strip(), value.strip()
 
 
 def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
@@ -266,7 +306,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
   """Applies ``(key, text)`` overrides in order, except that ``eval.profile``
   goes first: a profile is a bundle of eval fields, and explicit fields win."""
   config = copy.deepcopy(config)
-  overrides = sorted(overrides, key=lambda kv: kv[0] != 'eval.profile')  # Stable sort.
+  def rechooses(key: str) -> bool:  # replaces an open section, or picks its name
+    return key in OPEN_SECTIONS or (key.count('.') == 1 and key.endswith('.name'))
+
+  # eval.profile first, then what re-chooses a section, then fields (a stable sort).
+  overrides = sorted(overrides, key=lambda kv: 0 if kv[0] == 'eval.profile' else 1 if rechooses(kv[0]) else 2)
+  rechosen = {k.split('.')[0] for k, _ in overrides if rechooses(k)}
   for key, value in overrides:
     if key == 'eval.profile':
       try:
@@ -274,7 +319,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
       except ValueError as e:
         raise ConfigError(str(e)) from None
     else:
-      apply_override(config, key, value)
+      apply_override(config, key, value, may_add=key.split('.')[0] in rechosen and '.' in key)
   return config
 
 
@@ -285,13 +330,7 @@ def apply_setting(config: ml_collections.ConfigDict, name: str) -> ml_collection
   if name not in settings:
     available = ', '.join(settings) or 'none'
     raise ConfigError(f'experiment {config.get("experiment", "")!r} has no setting {name!r}; available: {available}')
-  pairs = []
-  for item in settings[name]:
-    key, eq, value = str(item).partition('=')
-    if not eq:
-      raise ConfigError(f'setting {name!r}: {item!r} is not key=value')
-    pairs.append((key.strip(), value.strip()))
-  config = apply_overrides(config, pairs)
+  config = apply_overrides(config, [parse_assignment(item, f'setting {name!r}') for item in settings[name]])
   with config.unlocked():
     config.setting = name
   return config
@@ -308,14 +347,28 @@ def parse_member(spec: str) -> tuple[str, list[tuple[str, str]]]:
   name = name.strip()
   if not name or not all(ch.isalnum() or ch in '_-.' for ch in name):
     raise ConfigError(f'bad member {spec!r}: write "name: key=value; key=value" with a plain name')
-  overrides = []
-  for part in body.split(';'):
-    if part.strip():
-      key, eq, value = part.partition('=')
-      if not eq:
-        raise ConfigError(f'bad member {spec!r}: {part.strip()!r} is not key=value')
-      overrides.append((key.strip(), value.strip()))
-  return name, overrides
+  return name, [parse_assignment(part, f'member {name!r}') for part in _split_top(body, ';') if part.strip()]
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+  """``text`` split at ``sep`` outside brackets and quotes (a section's dict
+  literal may hold the separator)."""
+  out, depth, quote, cur = [], 0, '', []
+  for ch in text:
+    if quote:
+      quote = '' if ch == quote else quote
+    elif ch in '\'"':
+      quote = ch
+    elif ch in '([{':
+      depth += 1
+    elif ch in ')]}':
+      depth -= 1
+    elif ch == sep and depth == 0:
+      out.append(''.join(cur))
+      cur = []
+      continue
+    cur.append(ch)
+  return out + [''.join(cur)]
 
 
 def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, ml_collections.ConfigDict]]:
@@ -354,7 +407,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks data, epochs, evaluation and the member list; keeps every code path.
 
   An experiment may refine this with ``config.smoke``, a tuple of
-  ``(key, value)`` override pairs applied last.
+  ``'key=value'`` overrides applied last.
   """
   config = copy.deepcopy(config)
   with config.unlocked():
@@ -375,25 +428,31 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.get('members') and not config.get('only'):
       # Members differ in hyperparameters, not code: two of them cover the path.
       config.only = ','.join(parse_member(m)[0] for m in config.members[:2])
-  for key, value in (config.get('smoke') or ()):
-    apply_override(config, key, value)
-  return config
+  return apply_overrides(config, [parse_assignment(item, 'config.smoke') for item in (config.get('smoke') or ())])
 
 
-def with_defaults(stored: dict) -> ml_collections.ConfigDict:
-  """A stored config (``config.json``) with fields it predates filled from
-  ``default_config()``, so a run written by an older version can still be
-  loaded and re-evaluated. Stored values always win."""
+def fill_defaults(stored: dict) -> dict:
+  """A stored config (``config.json``) with the fields it predates set to
+  their ``default_config()`` values, so a run written by an older version can
+  be resumed, loaded and re-evaluated. Stored values always win; an open
+  section (``OPEN_SECTIONS``: method, model, ...) is filled only when it names
+  the same thing as the default (an MLP's fields never go into a CNN run)."""
 
   def fill(into: dict, defaults: dict) -> dict:
     for k, v in defaults.items():
       if k not in into:
-        into[k] = v
-      elif isinstance(v, dict) and isinstance(into[k], dict):
+        into[k] = copy.deepcopy(v)
+      elif isinstance(v, dict) and isinstance(into[k], dict) and (
+          k not in OPEN_SECTIONS or into[k].get('name') == v.get('name')):
         fill(into[k], v)
     return into
 
-  return ml_collections.ConfigDict(fill(copy.deepcopy(stored), default_config().to_dict()))
+  return fill(copy.deepcopy(stored), json.loads(to_json(default_config())))
+
+
+def with_defaults(stored: dict) -> ml_collections.ConfigDict:
+  """:func:`fill_defaults` as a ConfigDict."""
+  return ml_collections.ConfigDict(fill_defaults(stored))
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

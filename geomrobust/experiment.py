@@ -58,6 +58,12 @@ def prepare_data(config: ml_collections.ConfigDict, data_dir: str | None) -> Dat
               ds.num_classes, ds.source)
 
 
+def data_key(config: ml_collections.ConfigDict) -> str:
+  """What ``prepare_data`` depends on: members that agree on it share one load."""
+  return json.dumps([config.dataset, config.data.to_dict(), int(config.eval.num_examples)], sort_keys=True,
+                    default=str)
+
+
 def _training_view(cfg: dict) -> dict:
   return {k: v for k, v in cfg.items() if k not in _NOT_TRAINING_KEYS}
 
@@ -73,30 +79,15 @@ def _config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
-def _fill_missing_defaults(old: dict, new: dict, defaults: dict) -> None:
-  """Sets in ``old`` the keys that ``new`` and ``defaults`` have and ``old`` lacks,
-  to their default values (only where ``old`` has the enclosing section; a
-  section an experiment replaces, e.g. ``model``, keeps its own keys)."""
-  for key, value in new.items():
-    if key not in defaults:
-      continue
-    if isinstance(value, dict):
-      if isinstance(old.get(key), dict) and isinstance(defaults[key], dict):
-        _fill_missing_defaults(old[key], value, defaults[key])
-    elif key not in old:
-      old[key] = json.loads(json.dumps(defaults[key], default=str))
-
-
 def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
   """Refuses to resume a run whose training config differs (would mix runs)."""
   path = workdir / 'config.json'
   if not path.exists():
     return
-  old = _training_view(runio.read_json(path))
-  new = _training_view(json.loads(config_lib.to_json(config)))
   # Fields added to default_config() since that run was written count as
   # their defaults, so upgrading geomrobust does not orphan finished runs.
-  _fill_missing_defaults(old, new, config_lib.default_config().to_dict())
+  old = _training_view(config_lib.fill_defaults(runio.read_json(path)))
+  new = _training_view(json.loads(config_lib.to_json(config)))
   diff = _config_diff(old, new)
   if diff:
     raise config_lib.ConfigError(
@@ -205,7 +196,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   workdir.mkdir(parents=True, exist_ok=True)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
   mesh = parallel.make_mesh(int(config.parallel.num_devices))
-  data = None
+  loaded = {}  # one load per distinct dataset / data section / eval set
   runs, member_results = [], {}
   for i, (name, overrides, cfg) in enumerate(members):
     sub = workdir / name
@@ -216,9 +207,10 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
-      if data is None or cfg.data.to_dict() != members[0][2].data.to_dict():
-        data = prepare_data(cfg, data_dir)
-      res = train_and_evaluate(cfg, sub, data_dir, mesh=mesh, log=log, tag=tag, data=data)
+      key = data_key(cfg)
+      if key not in loaded:
+        loaded[key] = prepare_data(cfg, data_dir)
+      res = train_and_evaluate(cfg, sub, data_dir, mesh=mesh, log=log, tag=tag, data=loaded[key])
     member_results[name] = res
     runs.append(dict(name=name, overrides=overrides, results=f'{name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,

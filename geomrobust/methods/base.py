@@ -19,6 +19,14 @@ its metrics under the reserved key ``'model_state'``; the train step pops
 them out and writes them into ``params['model_state']`` after the optimiser
 update. Evaluation (``apply(..., train=False)``, ``logits``) uses the running
 averages, so a prediction never depends on the rest of its batch.
+
+Randomness: ``apply`` / ``logits`` / ``apply_with_state`` take a key and hand
+it to the Flax module as ``rngs`` (one stream per name in the model's
+``rng_streams``, default ``('noise', 'dropout')``), so a module may draw with
+``self.make_rng('noise')``. Whether a model draws noise at evaluation time is a
+property of the model (a module attribute ``stochastic``, read by
+:attr:`Method.stochastic`); the evaluation then uses EOT. Deterministic models
+ignore the key.
 """
 
 from __future__ import annotations
@@ -76,7 +84,9 @@ class Method:
   # -- parameters ---------------------------------------------------------
 
   def init_params(self, rng: jax.Array, example_x: jax.Array) -> Params:
-    variables = self.model.init(rng, example_x)
+    # 'params' gets ``rng`` itself, so a deterministic model's init is unchanged
+    # by the extra streams a noisy module may draw from while initialising.
+    variables = self.model.init({'params': rng, **self._rngs(jax.random.fold_in(rng, 1))}, example_x)
     params = {'model': variables['params']}
     if 'batch_stats' in variables:
       params[MODEL_STATE] = variables['batch_stats']
@@ -110,20 +120,31 @@ class Method:
     ``{}`` for a model without state. A loss merges ``state`` into its metrics
     dict: ``return loss, {**metrics, **state}``.
     """
-    del rng
+    rngs = self._rngs(rng)
     if MODEL_STATE not in params:
-      return self.model.apply({'params': params['model']}, x, train=train), {}
+      return self.model.apply({'params': params['model']}, x, train=train, rngs=rngs), {}
     variables = {'params': params['model'], 'batch_stats': params[MODEL_STATE]}
     if not train:
-      return self.model.apply(variables, x, train=False), {MODEL_STATE: params[MODEL_STATE]}
-    out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
+      return self.model.apply(variables, x, train=False, rngs=rngs), {MODEL_STATE: params[MODEL_STATE]}
+    out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs)
     return out, {MODEL_STATE: mutated['batch_stats']}
+
+  def _rngs(self, rng: jax.Array | None) -> dict | None:
+    """The module's rng streams, each its own fold of ``rng`` (None: no key)."""
+    if rng is None:
+      return None
+    streams = tuple(getattr(self.model, 'rng_streams', ('noise', 'dropout')))
+    return {name: jax.random.fold_in(rng, i) for i, name in enumerate(streams)}
 
   def logits(self, params: Params, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """The classifier the shared evaluation attacks: ``x [B, ...] -> [B, C]``."""
     return self.apply(params, x, rng)[0]
 
-  stochastic: bool = False
+  @property
+  def stochastic(self) -> bool:
+    """The classifier draws noise at evaluation time (a property of the model):
+    the evaluation then averages over draws (EOT) and needs a key."""
+    return bool(getattr(self.model, 'stochastic', False))
 
   # -- training -----------------------------------------------------------
 

@@ -108,9 +108,8 @@ class Isometric(base.Method):
   # -- losses --------------------------------------------------------------
 
   def _loss(self, params, batch, rng, hparams, level: int | None):
-    del rng
     x, y = batch['image'], batch['label']
-    logits, reps = self.apply(params, x, train=True)
+    logits, reps = self.apply(params, x, rng, train=True)
     if level is None or level == len(self.levels):
       h, labels_l, out = reps[-1], y, logits
     else:

@@ -11,9 +11,9 @@ from geomrobust.methods import base
 class Standard(base.Method):
 
   def _loss(self, params, batch, rng, hparams):
-    del rng, hparams
+    del hparams
     # state: the new BatchNorm statistics ({} for models without BatchNorm).
-    (logits, _), state = self.apply_with_state(params, batch['image'], train=True)
+    (logits, _), state = self.apply_with_state(params, batch['image'], rng, train=True)
     return base.cross_entropy(logits, batch['label']), {'accuracy': base.accuracy(logits, batch['label']),
                                                          **state}
 
