@@ -52,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 1000
   grid = tuple(float(f'{e:.4g}') for e in np.logspace(-2, 0, 10))
   c.eval.eps = tuple(e for e in grid if e < 0.4)
-  c.eval.paper_eps = grid  # The authors' FGSM (cheap) runs on the whole grid.
+  c.probes = ml_collections.ConfigDict({
+      'isometry': {'examples': 2000, 'scale_key': 'method.k'},
+      'train_loss_fgsm': {'eps': grid},  # The authors' FGSM (cheap) runs on the whole grid.
+  })
   c.members = (
       'ce: method.beta=0',
       'beta_1e-3: method.beta=1e-3',

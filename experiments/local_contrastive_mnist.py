@@ -59,8 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name='mlp', hidden=(1000,), activation='half_tanh', weight_init='normal_fan_in', use_bias=False))
   c.method = ml_collections.ConfigDict(dict(
-      name='local_contrastive', d_f=0.5, lam=0.01, readout_epochs=100, readout_lr=1e-3,
-      paper_eps_max=0.79, paper_eps_step=0.01, paper_examples=1000))
+      name='local_contrastive', d_f=0.5, lam=0.01, readout_epochs=100, readout_lr=1e-3))
+  c.probes = ml_collections.ConfigDict({
+      'fgsm_noise_areas': {'eps_max': 0.79, 'eps_step': 0.01, 'examples': 1000},  # the paper's protocol
+      'pair_distances': {'examples': 1000, 'target_key': 'method.d_f'},
+  })
   c.train.epochs = 100           # the local stage (the MLP baseline: all its epochs)
   c.train.batch_size = 50
   c.train.optimizer = 'adam'
@@ -73,12 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
       hparam='d_f', grid=tuple(float(v) for v in _grid(0.05).split(',')), seeds=3, chunk_size=0,
       baseline='mlp: method.name=standard; train.lr=0.001',
       mean_last_epochs=10, screen_profile='quick', screen_examples=500, pgd_eps=0.05,
-      strong=('baseline', 'best_clean', 'best_r_fgsm'), strong_seeds=1, geometry_examples=1000))
+      strong=('baseline', 'best:clean_accuracy', 'best:r_fgsm'), strong_seeds=1))
   c.settings = ml_collections.ConfigDict({
       'full': (f'sweep.grid={_grid(0.005)}', 'sweep.seeds=5', 'sweep.chunk_size=128',
                'sweep.screen_examples=1000', 'sweep.strong_seeds=5'),
   })
   c.smoke = ('sweep.grid=0,0.5', 'sweep.seeds=2', 'method.readout_epochs=2', 'sweep.mean_last_epochs=2',
-             'sweep.screen_examples=64', 'sweep.geometry_examples=64', 'method.paper_examples=64',
-             'sweep.strong=baseline,best_clean')
+             'sweep.screen_examples=64', 'probes.pair_distances.examples=64', 'probes.fgsm_noise_areas.examples=64',
+             'sweep.strong=baseline,best:clean_accuracy')
   return c

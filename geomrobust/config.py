@@ -83,7 +83,13 @@ def default_config() -> ml_collections.ConfigDict:
   eval.seed            attack randomness.
   parallel.num_devices data-parallel devices (0 = all local devices).
   parallel.distributed call jax.distributed.initialize() (multi-host).
-  members              'name: key=value; ...' strings, for experiments that train a family.
+  probes               named measurements every member gets after the shared
+                       evaluation: ``{probe name: {its options}}`` (a module of
+                       ``geomrobust.probes``; options in its docstring), e.g.
+                       ``--config.probes.isometry.examples=500``.
+  members              'name: key=value; ...' strings, for experiments that train a
+                       family (key=value as in --config.key=value; a section takes
+                       a dict literal: 'cnn: model={"name": "cnn", ...}').
   only                 comma-separated member names to run (empty = all).
   settings             named bundles of overrides an experiment offers, e.g.
                        ``{'full': ('train.epochs=100', ...)}``; ``--setting=full``
@@ -108,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
       eot_samples=16, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
   profiles.apply_profile(c.eval, 'mnist_linf')
   c.parallel = ml_collections.ConfigDict(dict(num_devices=0, distributed=False))
+  c.probes = ml_collections.ConfigDict()
   c.members = ()
   c.only = ''
   c.settings = ml_collections.ConfigDict()

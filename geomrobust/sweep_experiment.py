@@ -20,14 +20,14 @@ member-by-member path of ``experiment.run_experiment``:
                           the profile's attacks).
   sweep.strong            members also evaluated with the experiment's own
                           ``config.eval`` (the strong profile with its sanity
-                          checks), by role: ``baseline``, ``best_clean`` (the value
-                          with the best mean clean accuracy), ``best_r_fgsm``.
+                          checks), by role: ``baseline``, or ``best:<column>`` (the
+                          value with the best mean of a table column, e.g.
+                          ``best:clean_accuracy`` or a probe's number ``best:r_fgsm``).
   sweep.strong_seeds      how many seeds of each strong role (first ones).
-  sweep.geometry_examples examples (train and test) for the pair-distance geometry.
 
-Every member also gets the main method's ``paper_evaluation`` protocol (for
-the local-contrastive method: FGSM / Gaussian-noise accuracy over the paper's
-eps grid and the areas R), the baseline included, so both are measured alike.
+Every member, the baseline included, also goes through the configured probes
+(``config.probes``); their flat numbers become table columns, grouped by the
+swept value with mean and std over seeds.
 
 Workdir layout (the DESIGN contract for multi-model experiments):
   config.json, results.json (``runs``, the ``sweep`` table, ``baseline``,
@@ -49,22 +49,19 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from geomrobust import config as config_lib
 from geomrobust import data as data_lib
 from geomrobust import evaluation
-from geomrobust import methods
-from geomrobust import models
 from geomrobust import parallel
+from geomrobust import pipeline
+from geomrobust import probes as probes_lib
 from geomrobust import runio
-from geomrobust.geometry import pairs
+from geomrobust.pipeline import MEMBER_FILE, _build
 from geomrobust.runio import sweep_report
 from geomrobust.training import sweep as sweep_lib
-
-MEMBER_FILE = 'sweep_member.json'
 STACKED_DIR = 'stacked'
 
 
@@ -156,60 +153,20 @@ def members(group: Group) -> list[Member]:
   return out
 
 
-def _build(config, num_classes: int) -> methods.Method:
-  return methods.build_method(config, models.build_model(config.model, num_classes), num_classes)
-
-
-_CLASSIFIERS: dict = {}
-
-
-def classifier(method: methods.Method):
-  """The ``apply_fn`` handed to the shared evaluation for ``method``'s models.
-
-  The evaluation caches its compiled attacks per function object. Methods
-  that keep the base class's forward pass (``apply`` / ``logits``) on an
-  equal model compute the same function of ``(params, x)`` (e.g. the sweep's
-  method and its MLP baseline), so they share one object and the attacks are
-  compiled once for the whole experiment. Other methods keep their own.
-  """
-  cls = type(method)
-  if method.stochastic or any(getattr(cls, f, None) is not getattr(methods.Method, f, None)
-                              for f in ('apply', 'apply_with_state', 'logits')):
-    return method.logits
-  return _CLASSIFIERS.setdefault(method.model, method.logits)
-
-
-def _paper_method(config, group: Group, main: methods.Method, num_classes: int) -> methods.Method | None:
-  """The main method on this group's model: its ``paper_evaluation`` measures
-  every member by the paper's protocol, the baseline included. The main method
-  object itself where the models are equal (its compiled protocol is reused);
-  None when the main method cannot be built on the baseline's model."""
-  if group.config.model.to_dict() == main.config.model.to_dict():
-    return main
-  cfg = copy.deepcopy(group.config)
-  with cfg.unlocked():
-    cfg.method = copy.deepcopy(config.method)
-  try:
-    return _build(cfg, num_classes)
-  except ValueError:
-    return None
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast (before data or training) on a bad sweep config."""
-  from geomrobust import experiment
   sw = config.sweep
   for g in groups(config):
-    experiment.validate(g.config)
+    pipeline.validate(g.config)
   num_classes = data_lib.get_spec(config.dataset).num_classes
   method = _build(groups(config)[0].config, num_classes)
   if str(sw.hparam) not in method.hparams():
     raise config_lib.ConfigError(f'sweep.hparam={sw.hparam!r} is not a traced hyperparameter of method '
                                  f'{config.method.name!r} (it has: {", ".join(method.hparams()) or "none"})')
   for role in sw.strong:
-    if role not in ('baseline', 'best_clean', 'best_r_fgsm'):
-      raise config_lib.ConfigError(f'unknown sweep.strong role {role!r}; available: baseline, best_clean, '
-                                   'best_r_fgsm')
+    if role != 'baseline' and not (role.startswith('best:') and role[5:]):
+      raise config_lib.ConfigError(f'unknown sweep.strong role {role!r}; use baseline or best:<table column>, '
+                                   'e.g. best:clean_accuracy')
   evaluation.recipes.resolve(screen_eval_config(config))
 
 
@@ -236,62 +193,37 @@ def _worst_case(rows: list[dict], eps: float) -> float | None:
   return None
 
 
-_APPLY: dict = {}
-
-
-def _pair_geometry(method, params, data, n: int, target) -> dict:
-  """Mean boson / fermion distances per hidden layer on train and test data
-  (the first ``n`` examples of the training set and of the ``data.test_*`` split)."""
-  if method not in _APPLY:  # one compiled forward pass per method object
-    _APPLY[method] = jax.jit(lambda p, x: method.apply(p, x)[1])
-  out = {'target': target}
-  for split, (x, y) in {'train': (data.train_images, data.train_labels),
-                        'test': (data.test_images, data.test_labels)}.items():
-    out[split] = pairs.layer_pair_distances(_APPLY[method](params, data_lib.to_float(x[:n])), y[:n])
-  return out
-
-
-def evaluate_member(member: Member, method, paper_method, params, accuracies, data, config, mesh, *,
+def evaluate_member(member: Member, method, params, accuracies, data, config, mesh, *, evaluator, probes,
                     log, tag) -> dict:
-  """The screening evaluation, the paper protocol and the geometry of one member."""
+  """The screening evaluation and the probes of one member, plus its test
+  accuracy over the last epochs (the sweep's clean accuracy)."""
   sw = config.sweep
-  cfg = member.config
-  x_eval = data_lib.to_float(data.eval_images)
   n_screen = min(int(sw.screen_examples), len(data.eval_labels))
-  ev = evaluation.evaluate(classifier(method), params, x_eval[:n_screen], data.eval_labels[:n_screen],
-                           screen_eval_config(config), mesh, stochastic=method.stochastic, log=log, tag=tag)
-  t0 = time.perf_counter()
-  geometry = method.geometry(params, x_eval[:int(sw.geometry_examples)], data.eval_labels[:int(sw.geometry_examples)])
-  geometry['pair_distances'] = _pair_geometry(method, params, data, int(sw.geometry_examples),
-                                              None if member.value is None else float(member.value))
-  ev['timing']['geometry_seconds'] = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  # The main method's protocol on this member's classifier (the baseline too).
-  paper = paper_method.paper_evaluation(params, x_eval, data.eval_labels, config) if paper_method else {}
+  screen = dataclasses.replace(data, eval_images=data.eval_images[:n_screen], eval_labels=data.eval_labels[:n_screen])
+  res = pipeline.evaluate_model(method, params, screen, member.config, mesh, evaluator=evaluator, probes=[],
+                                eval_config=screen_eval_config(config), log=log, tag=tag)
+  # Probes see the whole evaluation set, as in a single run.
+  probed = pipeline.evaluate_probes(method, params, data, member.config, probes, config.eval)
   acc = np.asarray(accuracies, np.float64)
-  paper['clean_accuracy_last_epochs'] = float(acc.mean()) if acc.size else float('nan')
-  paper['test_accuracies'] = acc.tolist()
-  paper['test_examples'] = int(len(data.test_labels))
-  ev['timing']['paper_seconds'] = time.perf_counter() - t0
+  res.update(geometry=probed['geometry'], probes=probed['probes'], summary=probed['summary'])
+  res['timing']['probe_seconds'] = probed['seconds']
+  res['training'] = dict(clean_accuracy_last_epochs=float(acc.mean()) if acc.size else float('nan'),
+                         test_accuracies=acc.tolist(), test_examples=int(len(data.test_labels)))
   log(f'{tag}clean (mean of last {acc.size} epochs, {len(data.test_labels)} test images) '
-      f'{paper["clean_accuracy_last_epochs"]:.4f}' +
-      (f'; R_FGSM {paper["r_fgsm"]:.3f}, R_noise {paper["r_noise"]:.3f}' if 'r_fgsm' in paper else ''))
-  return dict(
-      experiment=cfg.get('experiment', ''), method=cfg.method.name, dataset=cfg.dataset, seed=int(cfg.seed),
-      clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'], eval_examples=ev['eval_examples'],
-      eval_profile=str(sw.screen_profile), sanity=ev['sanity'], geometry=geometry, timing=ev['timing'],
-      paper_evaluation=paper, convergence=ev.get('convergence', []), masks=ev['masks'],
-      sweep=dict(group=member.group.name, role=member.group.role, hparam=member.group.grid.hparam,
-                 value=member.value, seed=member.seed),
-      smoke=bool(config.get('smoke_run', False)))
+      f'{res["training"]["clean_accuracy_last_epochs"]:.4f}' +
+      ''.join(f'; {k} {v:.3f}' for k, v in probed['summary'].items()))
+  res.update(eval_profile=str(sw.screen_profile),
+             sweep=dict(group=member.group.name, role=member.group.role, hparam=member.group.grid.hparam,
+                        value=member.value, seed=member.seed))
+  return res
 
 
-def strong_evaluate(member: Member, method, params, results: dict, data, config, mesh, *, log, tag) -> dict:
+def strong_evaluate(member: Member, method, params, results: dict, data, config, mesh, *, evaluator, log,
+                    tag) -> dict:
   """Re-evaluates a member with ``config.eval`` (strong profile, sanity checks);
   the screening numbers move to ``results['screen']``."""
-  x = data_lib.to_float(data.eval_images)
-  ev = evaluation.evaluate(classifier(method), params, x, data.eval_labels, config.eval, mesh,
-                           stochastic=method.stochastic, log=log, tag=tag)
+  ev = pipeline.evaluate_model(method, params, data, member.config, mesh, evaluator=evaluator, probes=[],
+                               eval_config=config.eval, log=log, tag=tag)
   screen = {k: results[k] for k in ('clean_accuracy', 'robustness', 'eval_examples', 'eval_profile', 'sanity')}
   results = dict(results, clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
                  eval_examples=ev['eval_examples'], eval_profile=str(config.eval.get('profile', '') or 'custom'),
@@ -304,26 +236,29 @@ def strong_evaluate(member: Member, method, params, results: dict, data, config,
 # Tables
 # --------------------------------------------------------------------------
 
-ROW_KEYS = ('clean_accuracy', 'r_fgsm', 'r_noise', 'pgd_accuracy', 'boson_distance', 'fermion_distance',
-            'boson_distance_train', 'fermion_distance_train', 'eval_clean_accuracy')
+# Row fields that identify a member rather than measure it.
+_ID_KEYS = ('name', 'seed', 'pgd_eps', 'pgd_profile', 'pgd_examples')
 
 
 def sweep_row(member: Member, res: dict, config) -> dict:
-  """One row of the sweep table (accuracies as fractions, R in the paper's unit)."""
+  """One row of the sweep table: the member's flat numbers (accuracies as
+  fractions, the probes' numbers in their own units)."""
   screen = res.get('screen', res)
-  paper = res.get('paper_evaluation', {})
-  geo = res['geometry']['pair_distances']
   hparam = str(config.sweep.hparam)
   eps = float(config.sweep.pgd_eps)
   return {
       'name': member.name, hparam: None if member.value is None else float(member.value), 'seed': member.seed,
-      'clean_accuracy': paper.get('clean_accuracy_last_epochs'), 'r_fgsm': paper.get('r_fgsm'),
-      'r_noise': paper.get('r_noise'), 'pgd_accuracy': _worst_case(screen['robustness'], eps), 'pgd_eps': eps,
+      'clean_accuracy': res.get('training', {}).get('clean_accuracy_last_epochs'),
+      'pgd_accuracy': _worst_case(screen['robustness'], eps), 'pgd_eps': eps,
       'pgd_profile': screen.get('eval_profile'), 'pgd_examples': screen['eval_examples'],
-      'boson_distance': geo['test'][-1]['boson_distance'], 'fermion_distance': geo['test'][-1]['fermion_distance'],
-      'boson_distance_train': geo['train'][-1]['boson_distance'],
-      'fermion_distance_train': geo['train'][-1]['fermion_distance'],
-      'eval_clean_accuracy': screen['clean_accuracy']}
+      'eval_clean_accuracy': screen['clean_accuracy'], **res.get('summary', {})}
+
+
+def row_keys(rows: list[dict], hparam: str) -> list[str]:
+  """The numeric columns of ``rows``, in first-seen order."""
+  keys = dict.fromkeys(k for r in rows for k, v in r.items()
+                       if k not in _ID_KEYS and k != hparam and (v is None or isinstance(v, (int, float))))
+  return list(keys)
 
 
 def _mean_std(rows: list[dict], key: str) -> tuple[float | None, float | None]:
@@ -339,7 +274,7 @@ def summarize(rows: list[dict], hparam: str) -> list[dict]:
   for v in sorted({r[hparam] for r in rows}):
     sel = [r for r in rows if r[hparam] == v]
     entry = {hparam: v, 'seeds': len(sel)}
-    for k in ROW_KEYS:
+    for k in row_keys(rows, hparam):
       entry[k], entry[f'{k}_std'] = _mean_std(sel, k)
     out.append(entry)
   return out
@@ -349,7 +284,7 @@ def baseline_entry(rows: list[dict], hparam: str) -> dict:
   """The baseline's row: the sweep-row keys as the mean over its seeds (std beside)."""
   entry = {'name': rows[0]['name'].rsplit('_seed', 1)[0], hparam: None, 'seed': 'mean',
            'seeds': [r['seed'] for r in rows], 'pgd_eps': rows[0]['pgd_eps'], 'pgd_profile': rows[0]['pgd_profile']}
-  for k in ROW_KEYS:
+  for k in row_keys(rows, hparam):
     entry[k], entry[f'{k}_std'] = _mean_std(rows, k)
   return entry
 
@@ -370,8 +305,7 @@ def _member_metrics(group_dir: pathlib.Path, member: Member) -> list[dict]:
   return out
 
 
-def _write_member(workdir: pathlib.Path, member: Member, results: dict) -> None:
-  from geomrobust import experiment
+def _write_member(workdir: pathlib.Path, member: Member, results: dict, probes) -> None:
   sub = workdir / member.name
   sub.mkdir(parents=True, exist_ok=True)
   runio.atomic_write_text(sub / 'config.json', config_lib.to_json(member.config) + '\n')
@@ -379,7 +313,7 @@ def _write_member(workdir: pathlib.Path, member: Member, results: dict) -> None:
                                            seed_index=member.seed_index, value_index=member.value_index))
   metrics = _member_metrics(workdir / STACKED_DIR / member.group.name, member)
   runio.atomic_write_text(sub / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in metrics))
-  experiment.write_results(sub, member.config, results)
+  pipeline.write_results(sub, member.config, results, probes)
 
 
 def _take(tree, si: int, vi: int):
@@ -392,21 +326,20 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, da
   every member, writes the tables and the report. Resumes training from the
   stacked checkpoints and skips members already evaluated (unless
   ``reevaluate``)."""
-  from geomrobust import experiment
   workdir = pathlib.Path(workdir)
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
   validate(config)
   top_path = workdir / 'results.json'
   if top_path.exists() and not reevaluate:
-    experiment.check_workdir_config(workdir, config)
+    pipeline.check_workdir_config(workdir, config)
     log(f'already done: {top_path} (use --evaluate={workdir} to re-evaluate)')
     return runio.read_json(top_path)
   workdir.mkdir(parents=True, exist_ok=True)
-  experiment.check_workdir_config(workdir, config)
+  pipeline.check_workdir_config(workdir, config)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
   mesh = parallel.make_mesh(int(config.parallel.num_devices))
   t_start = time.perf_counter()
-  data = experiment.prepare_data(config, data_dir)
+  data = pipeline.prepare_data(config, data_dir)
   sw = config.sweep
   hparam = str(sw.hparam)
   grps = groups(config)
@@ -417,11 +350,10 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, da
 
   timing = {}
   all_members, member_results, rows = [], {}, {}
-  main_method = None
+  evaluator = evaluation.Evaluator()  # compiled attacks shared by every member
+  probes = probes_lib.build_probes(config.get('probes'))
   for g in grps:
     method = _build(g.config, data.num_classes)
-    main_method = main_method or method
-    paper_method = _paper_method(config, g, main_method, data.num_classes)
     tag = f'[{g.name} {"x".join(map(str, g.grid.shape))}] '
     trained = sweep_lib.train_sweep(
         method, g.grid, data.train_images, data.train_labels, data.test_images, data.test_labels, g.config,
@@ -440,9 +372,9 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, da
         res = runio.read_json(done)
       else:
         params = _take(trained.params, m.seed_index, m.value_index)
-        res = evaluate_member(m, method, paper_method, params, trained.accuracy[m.seed_index, m.value_index],
-                              data, config, mesh, log=log, tag=mtag)
-        _write_member(workdir, m, res)
+        res = evaluate_member(m, method, params, trained.accuracy[m.seed_index, m.value_index], data, config,
+                              mesh, evaluator=evaluator, probes=probes, log=log, tag=mtag)
+        _write_member(workdir, m, res, probes)
         res = runio.read_json(done)
       member_results[m.name] = res
       rows[m.name] = sweep_row(m, res, config)
@@ -461,8 +393,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, da
     res = member_results[m.name]
     if 'screen' not in res or reevaluate:
       res = strong_evaluate(m, method, _take(trained.params, m.seed_index, m.value_index), res, data, config, mesh,
-                            log=log, tag=f'[strong {role}: {m.name}] ')
-      experiment.write_results(workdir / m.name, m.config, res)
+                            evaluator=evaluator, log=log, tag=f'[strong {role}: {m.name}] ')
+      pipeline.write_results(workdir / m.name, m.config, res, probes)
       res = runio.read_json(workdir / m.name / 'results.json')
       member_results[m.name] = res
     comparison.append(strong_row(role, m, res, rows[m.name], hparam))
@@ -472,7 +404,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, da
   runs = [dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json') for m, _, _ in all_members]
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
              seed=int(config.seed), setting=str(config.get('setting', '') or ''), hparam=hparam, runs=runs,
-             sweep=sweep_rows, sweep_summary=summary, baseline=baseline_entry(base_rows, hparam) if base_rows else None,
+             columns=row_keys(sweep_rows + base_rows, hparam), sweep=sweep_rows, sweep_summary=summary, baseline=baseline_entry(base_rows, hparam) if base_rows else None,
              baseline_runs=base_rows, pgd_comparison=comparison, timing=timing,
              smoke=bool(config.get('smoke_run', False)))
   runio.write_json(top_path, top)
@@ -491,8 +423,8 @@ def strong_members(config, summary: list[dict], all_members) -> list[tuple[str, 
     if role == 'baseline':
       sel = [t for t in all_members if t[0].group.role == 'baseline']
     else:
-      key = 'clean_accuracy' if role == 'best_clean' else 'r_fgsm'
-      ok = [s for s in summary if s[key] is not None]
+      key = role[len('best:'):]
+      ok = [s for s in summary if s.get(key) is not None]
       if not ok:
         continue
       best = max(ok, key=lambda s: s[key])[hparam]
@@ -510,31 +442,8 @@ def strong_row(role: str, member: Member, res: dict, row: dict, hparam: str) -> 
     per_attack.setdefault(r['attack'], {})[f'{r["eps"]:g}'] = r['accuracy']
   return dict(role=role, name=member.name, **{hparam: row[hparam]}, seed=member.seed,
               profile=res.get('eval_profile'), eval_examples=res['eval_examples'],
-              clean_accuracy=res['clean_accuracy'], paper_clean_accuracy=row['clean_accuracy'],
-              r_fgsm=row['r_fgsm'], r_noise=row['r_noise'], worst_case=worst, attacks=per_attack,
+              clean_accuracy=res['clean_accuracy'], row=row, worst_case=worst, attacks=per_attack,
               sanity_failed=[k for k, v in res.get('sanity', {}).items() if not v.get('passed')])
-
-
-# --------------------------------------------------------------------------
-# Loading a member back
-# --------------------------------------------------------------------------
-
-
-def is_member(run_dir: pathlib.Path) -> bool:
-  return (pathlib.Path(run_dir) / MEMBER_FILE).exists()
-
-
-def load_member(run_dir: pathlib.Path):
-  """``experiment.Run`` of one sweep member (its params sliced out of the stacked checkpoint)."""
-  from geomrobust import experiment
-  run_dir = pathlib.Path(run_dir)
-  info = runio.read_json(run_dir / MEMBER_FILE)
-  config = config_lib.with_defaults(runio.read_json(run_dir / 'config.json'))
-  stacked, epoch = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'])
-  params = jax.tree.map(lambda a: jnp.asarray(a[info['seed_index'], info['value_index']]), stacked)
-  num_classes = data_lib.get_spec(config.dataset).num_classes
-  return experiment.Run(workdir=run_dir, config=config, params=params, method=_build(config, num_classes),
-                        epoch=epoch)
 
 
 def is_sweep(workdir: pathlib.Path) -> bool:

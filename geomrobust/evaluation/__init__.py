@@ -14,7 +14,7 @@ from geomrobust.evaluation import profiles
 from geomrobust.evaluation import recipes
 from geomrobust.evaluation.recipes import Recipe
 from geomrobust.evaluation.sanity import attack_checks, choose_check_eps, grid_checks
-from geomrobust.evaluation.suite import attack_key, correct_fn, evaluate, losses_fn
+from geomrobust.evaluation.suite import Evaluator, attack_key, correct_fn, evaluate, losses_fn
 
-__all__ = ['Recipe', 'attack_checks', 'attack_key', 'choose_check_eps', 'correct_fn', 'evaluate', 'grid_checks',
+__all__ = ['Evaluator', 'Recipe', 'attack_checks', 'attack_key', 'choose_check_eps', 'correct_fn', 'evaluate', 'grid_checks',
            'losses_fn', 'profiles', 'recipes']

@@ -5,16 +5,17 @@ Every attack is ``vmap``-ed over examples with a per-example key
 draws and verdict depend on nothing but the example, so results do not depend
 on the evaluation batch size or on which other examples are evaluated, which
 is what lets the sanity checks re-attack a subset (or re-batch the set) and
-compare verdict by verdict. Compiled programs are cached per (model function,
-recipe, batch size, mesh), so evaluating many models of one architecture
-compiles each attack once.
+compare verdict by verdict. An :class:`Evaluator` keeps its compiled programs
+per (model function, recipe, batch size, mesh), so evaluating many models of
+one architecture with one evaluator compiles each attack once; there is no
+module-level cache.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,6 @@ from geomrobust.evaluation import sanity as sanity_lib
 from geomrobust.parallel import batching
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array | None], jax.Array]
-_COMPILED: dict = {}
 
 
 def _example_keys(rng: jax.Array, idx: jax.Array) -> jax.Array:
@@ -80,18 +80,16 @@ def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, k
 
 
 def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size: int, mesh, eot: int = 1,
-               stochastic: bool = False):
-  """Compiled ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
+               stochastic: bool = False, with_inputs: bool = False):
+  """Jitted ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
 
   Is example ``idx[i]`` still classified correctly after the attack
   (``recipe=None``: clean)? ``model_key=None`` draws the model's noise per
   example (EOT); a key freezes it. The set runs in ``batch_size`` chunks by
   ``lax.map`` inside one program, each chunk sharded over the mesh's 'data'
-  axis; eps is traced, so an eps grid compiles once per recipe. Cached.
+  axis; eps is traced, so an eps grid compiles once per recipe.
+  ``with_inputs``: also return the attacked inputs ``[N, ...]``.
   """
-  cache_key = ('correct', apply_fn, recipe, batch_size, mesh, eot, stochastic)
-  if cache_key in _COMPILED:
-    return _COMPILED[cache_key]
 
   def run(params, x, y, idx, rng, eps, model_key):
     def chunk(inp):
@@ -101,31 +99,69 @@ def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size:
         xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
                            eps, model_key)
       pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
-      return _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
+      correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
+      return (correct, xb) if with_inputs else correct
 
     return batching.map_batches(chunk, (x, y, idx), batch_size)
 
-  fn = jax.jit(run)
-  _COMPILED[cache_key] = fn
-  return fn
+  return jax.jit(run)
 
 
 def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1):
-  """Compiled ``(params, x [K, ...], y, idx, rng, eps) -> losses [K, restarts, steps + 1]``:
-  the attack loss at every iterate, for the convergence plot. Cached."""
-  cache_key = ('losses', apply_fn, recipe, mesh, eot)
-  if cache_key not in _COMPILED:
-    def run(params, x, y, idx, rng, eps):
-      keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(rng, idx), 1)
-      return _attack_batch(apply_fn, recipe, params, x, y, keys, eps, None, return_losses=True)[1]
-    _COMPILED[cache_key] = jax.jit(run)
-  return _COMPILED[cache_key]
+  """Jitted ``(params, x [K, ...], y, idx, rng, eps) -> losses [K, restarts, steps + 1]``:
+  the attack loss at every iterate, for the convergence plot."""
+
+  def run(params, x, y, idx, rng, eps):
+    keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(rng, idx), 1)
+    return _attack_batch(apply_fn, recipe, params, x, y, keys, eps, None, return_losses=True)[1]
+
+  return jax.jit(run)
+
+
+class Evaluator:
+  """The shared evaluation with its compiled programs.
+
+  One evaluator per experiment (or per model architecture): every model it
+  evaluates through the same ``apply_fn`` object reuses the attacks compiled
+  for the first. ``evaluator.compiled`` counts the programs it built.
+  """
+
+  def __init__(self):
+    self._fns: dict = {}
+
+  @property
+  def compiled(self) -> int:
+    return sum(1 for k in self._fns if k[0] != 'classifier')
+
+  def classifier(self, key, apply_fn: ApplyFn) -> ApplyFn:
+    """The first ``apply_fn`` seen under ``key``: models whose classifiers
+    compute the same function of ``(params, x, rng)`` (``Method.classifier_key``)
+    then share one object, hence one compiled program per attack."""
+    return self._fns.setdefault(('classifier', key), apply_fn)
+
+  def correct_fn(self, *args, **kwargs):
+    """:func:`correct_fn`, built once per distinct arguments."""
+    key = ('correct', args, tuple(sorted(kwargs.items())))
+    if key not in self._fns:
+      self._fns[key] = correct_fn(*args, **kwargs)
+    return self._fns[key]
+
+  def losses_fn(self, *args):
+    key = ('losses', args)
+    if key not in self._fns:
+      self._fns[key] = losses_fn(*args)
+    return self._fns[key]
+
+  def evaluate(self, *args, **kwargs) -> dict:
+    """:func:`evaluate` with this evaluator's compiled programs."""
+    return evaluate(*args, evaluator=self, **kwargs)
 
 
 class _Runner:
   """Runs (recipe, eps) cells on all examples or a subset; keeps the timing."""
 
-  def __init__(self, apply_fn, params, x, y, ev, mesh, eot, stochastic):
+  def __init__(self, evaluator, apply_fn, params, x, y, ev, mesh, eot, stochastic):
+    self.evaluator = evaluator
     self.apply_fn, self.params, self.ev, self.mesh = apply_fn, params, ev, mesh
     self.eot, self.stochastic = eot, stochastic
     self.n = int(y.shape[0])
@@ -133,9 +169,11 @@ class _Runner:
     self.x, self.y = x, y
     self.idx = jnp.arange(self.n, dtype=jnp.int32)
 
-  def mask(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None) -> np.ndarray:
+  def mask(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None,
+           with_inputs=False):
     """bool [N] (or [len(subset)]): correct after ``recipe`` at ``eps``. The cell key
-    is that of ``key_name`` (default: the recipe's name) at ``eps``."""
+    is that of ``key_name`` (default: the recipe's name) at ``eps``. ``with_inputs``:
+    returns ``(mask, attacked inputs [N, ...])``."""
     bs = batch_size or self.batch_size
     x, y, idx = self.x, self.y, self.idx
     if subset is not None:
@@ -146,14 +184,18 @@ class _Runner:
     # Chunks must split evenly over the devices; a subset may be smaller than a batch.
     devices = self.mesh.devices.size
     bs = max(min(bs, int(idx.shape[0])) // devices * devices, devices)
-    fn = correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic)
+    fn = self.evaluator.correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic,
+                                   with_inputs=with_inputs)
     name = key_name or (recipe.name if recipe is not None else 'clean')
     out = fn(self.params, x, y, idx, attack_key(int(self.ev.seed), name, eps), jnp.float32(eps), model_key)
+    if with_inputs:
+      return np.asarray(out[0]), np.asarray(out[1])
     return np.asarray(out)
 
 
 def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.ConfigDict, mesh, *,
-             stochastic: bool = False, log: Callable[[str], None] = print, tag: str = '') -> dict:
+             stochastic: bool = False, log: Callable[[str], None] = print, tag: str = '',
+             keep_inputs: Iterable[tuple[str, float]] = (), evaluator: Evaluator | None = None) -> dict:
   """Runs the configured attacks over the eps grid, then the sanity checks.
 
   Args:
@@ -174,7 +216,9 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     and a ``worst_case`` row per eps: an example is robust only if it survives
     every attack), ``masks`` ({'attack@eps': bool [N]}), ``sanity`` (named
     checks: passed, value, detail), ``convergence`` (attack loss per step for a
-    few examples) and ``timing``.
+    few examples), ``adversarial`` ({'attack@eps': float32 [N, ...]} attacked
+    inputs, for the ``keep_inputs`` pairs ``(attack name, eps)`` only) and
+    ``timing``. ``evaluator``: reuse its compiled programs (default: a new one).
   """
   eot = max(int(ev.eot_samples), 1) if stochastic else 1
   if stochastic and eot < 2:
@@ -185,7 +229,9 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
   rep = parallel.replicated(mesh)
   x, y = jax.device_put((jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
-  runner = _Runner(apply_fn, params, x, y, ev, mesh, eot, stochastic)
+  runner = _Runner(evaluator or Evaluator(), apply_fn, params, x, y, ev, mesh, eot, stochastic)
+  keep = {(str(a), float(e)) for a, e in keep_inputs}
+  adversarial = {}
   t_start = time.perf_counter()
 
   clean_mask = runner.mask(None, 0.0)
@@ -196,7 +242,10 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   for recipe in recipe_list:
     for eps in eps_grid:
       t0 = time.perf_counter()
-      mask = runner.mask(recipe, eps)
+      if (recipe.name, eps) in keep:
+        mask, adversarial[f'{recipe.name}@{eps:g}'] = runner.mask(recipe, eps, with_inputs=True)
+      else:
+        mask = runner.mask(recipe, eps)
       masks[f'{recipe.name}@{eps:g}'] = mask
       rows.append(dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts,
                        eot=eot, accuracy=float(mask.mean())))
@@ -218,7 +267,7 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     log(f'{tag}WARNING: SANITY CHECK FAILED: {k}: {checks[k]["detail"]} (value {checks[k]["value"]:.4g})')
   seconds = time.perf_counter() - t_start
   return dict(clean_accuracy=clean, robustness=rows, masks=masks, eval_examples=n, sanity=checks,
-              convergence=convergence,
+              convergence=convergence, adversarial=adversarial,
               timing=dict(eval_seconds=seconds, attack_grid_seconds=t_grid, sanity_seconds=seconds - t_grid))
 
 
@@ -231,7 +280,7 @@ def _convergence(runner: _Runner, recipe_list, eps: float | None, k: int) -> lis
   for recipe in recipe_list:
     if not recipe.iterative:
       continue
-    fn = losses_fn(runner.apply_fn, recipe, runner.mesh, runner.eot)
+    fn = runner.evaluator.losses_fn(runner.apply_fn, recipe, runner.mesh, runner.eot)
     losses = fn(runner.params, runner.x[:k], runner.y[:k], runner.idx[:k],
                 attack_key(int(runner.ev.seed), recipe.name, eps), jnp.float32(eps))
     out.append(dict(attack=recipe.name, eps=eps, loss=recipes_lib.loss_name(recipe),

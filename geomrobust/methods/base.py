@@ -146,21 +146,20 @@ class Method:
     the evaluation then averages over draws (EOT) and needs a key."""
     return bool(getattr(self.model, 'stochastic', False))
 
+  def classifier_key(self):
+    """A hashable key of the function ``logits`` computes: methods that keep
+    this class's forward pass on equal models compute the same function of
+    ``(params, x, rng)`` (e.g. a sweep's method and its baseline), so compiled
+    evaluations and probes keyed by it are shared; others key by themselves."""
+    cls = type(self)
+    if any(getattr(cls, f) is not getattr(Method, f) for f in ('apply', 'apply_with_state', 'logits', '_rngs')):
+      return self
+    return ('model', self.model)
+
   # -- training -----------------------------------------------------------
 
   def phases(self) -> list[Phase]:
     raise NotImplementedError
-
-  def paper_evaluation(self, params: Params, images: jax.Array, labels: jax.Array, config) -> dict:
-    """Extra numbers in a paper's own protocol (JSON-able), reported *beside*
-    the shared evaluation, never instead of it. ``images`` float32 [N, ...]."""
-    del params, images, labels, config
-    return {}
-
-  def geometry(self, params: Params, images: jax.Array, labels: jax.Array) -> dict:
-    """Method-specific geometric diagnostics on test data (JSON-able dict)."""
-    del params, images, labels
-    return {}
 
 
 def warmup_fraction(hparams: dict, warmup_steps: int) -> jax.Array:

@@ -25,8 +25,9 @@ Config (``config.method``):
                    is trained for train.epochs with earlier blocks frozen.
   min_sq_dist      clip for squared distances before sqrt (NaN-free gradients).
 
-``config.eval.paper_eps`` (optional): the eps grid of the authors' FGSM on the
-training loss, reported beside the shared evaluation (default: eval.eps).
+Probes that fit it: ``isometry`` (the diagnostics per layer) and
+``train_loss_fgsm`` (the authors' FGSM on CE + beta * iso), see
+``geomrobust/probes/``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomrobust.geometry import distances
-from geomrobust.geometry import isometry
 from geomrobust.methods import base
 
 
@@ -136,56 +136,6 @@ class Isometric(base.Method):
 
       phases.append(base.Phase(f'level_{l}', epochs, functools.partial(self._loss, level=l), trainable))
     return phases
-
-  # -- the authors' FGSM ----------------------------------------------------
-
-  def paper_evaluation(self, params, images, labels, config):
-    """FGSM on the full training loss, as the authors' code attacks.
-
-    Test images are taken in batches of ``train.batch_size`` (the isometry term
-    is a batch quantity); the step is ``eps * sign(grad_x (CE + beta * iso))``
-    with D(x) of the *clean* batch held fixed, clipped to [0, 1]. Reported next
-    to, not instead of, the shared evaluation (whose CE-only FGSM is the
-    standard attack).
-    """
-    if self.levels:
-      return {}
-    bs = int(config.train.batch_size)
-    n = (len(labels) // bs) * bs
-    if n == 0:
-      return {}
-    x = jnp.asarray(images[:n]).reshape((n // bs, bs) + images.shape[1:])
-    y = jnp.asarray(labels[:n]).reshape(n // bs, bs)
-    hp = self.hparams()
-
-    @jax.jit
-    def correct(params, eps):
-      def one(xy):
-        xb, yb = xy
-        same = (yb[:, None] == yb[None, :]).astype(jnp.float32)
-        dx = distances.pairwise_dists(distances.flatten(xb), min_sq=self.min_sq)
-
-        def loss(xa):
-          logits, reps = self.apply(params, xa)
-          dh = distances.pairwise_dists(distances.flatten(reps[-1]), min_sq=self.min_sq)
-          iso = jnp.mean((hp['k'] * same * dh - same * dx) ** 2)
-          return base.cross_entropy(logits, yb) + hp['beta'] * iso
-
-        xa = jnp.clip(xb + eps * jnp.sign(jax.grad(loss)(xb)), 0.0, 1.0)
-        return jnp.argmax(self.apply(params, xa)[0], -1) == yb
-
-      return jax.lax.map(one, (x, y)).mean()
-
-    rows = [dict(attack='fgsm_train_loss', eps=float(e), accuracy=float(correct(params, jnp.float32(e))))
-            for e in (config.eval.get('paper_eps') or config.eval.eps)]
-    return {'fgsm_train_loss': rows, 'examples': int(n)}
-
-  # -- diagnostics -----------------------------------------------------------
-
-  def geometry(self, params, images, labels):
-    _, reps = self.apply(params, images)
-    return {'isometry': isometry.isometry_diagnostics(
-        images, reps, labels, self.num_classes, k=float(self.config.method.k))}
 
 
 METHOD = Isometric

@@ -33,10 +33,10 @@ Config (``config.method``):
   lam             weight-decay coefficient of the local loss (traced).
   readout_epochs  epochs of the readout phase.
   readout_lr      Adam learning rate of the readout phase.
-  paper_eps_max, paper_eps_step, paper_examples
-                  the paper's own robustness protocol (``paper_evaluation``):
-                  FGSM and Gaussian noise at eps = 0, step, ..., max on the
-                  first ``paper_examples`` test images.
+
+The paper's own robustness protocol (FGSM and Gaussian-noise areas) and the
+boson / fermion distances are the probes ``fgsm_noise_areas`` and
+``pair_distances`` (``geomrobust/probes/``).
 
 The reference recipe pairs it with ``model = mlp(hidden=(1000,),
 activation='half_tanh', weight_init='normal_fan_in', use_bias=False)``; more
@@ -45,17 +45,12 @@ entries in ``model.hidden`` stack more locally trained layers.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from geomrobust import attacks
 from geomrobust.geometry import pairs
 from geomrobust.methods import base
 from geomrobust.models import common
-from geomrobust.parallel import batching
 
 
 def fermi_bose_loss(h: jax.Array, labels: jax.Array, d_f: jax.Array) -> tuple[jax.Array, dict]:
@@ -78,85 +73,6 @@ def fermi_bose_loss(h: jax.Array, labels: jax.Array, d_f: jax.Array) -> tuple[ja
   # Batch means for the logs; empty masks (a one-class batch) give 0, not NaN.
   mean = lambda m: jnp.sum(jnp.where(m, d, 0.0)) / jnp.maximum(jnp.sum(m), 1)
   return loss, {'boson': jax.lax.stop_gradient(mean(boson)), 'fermion': jax.lax.stop_gradient(mean(fermion))}
-
-
-# --------------------------------------------------------------------------
-# The paper's robustness protocol: FGSM and Gaussian noise over an eps grid
-# --------------------------------------------------------------------------
-
-_CURVES: dict = {}
-
-
-def accuracy_curves_fn(logits_fn: Callable, eps_chunk: int = 16):
-  """Compiled ``(params, x [N, ...], y [N], eps [E], rng) -> (fgsm_acc [E], noise_acc [E])``.
-
-  ``logits_fn(params, x) -> [N, C]`` (a deterministic classifier). At each eps:
-  one untargeted L-inf FGSM step on the CE loss (``attacks.fgsm``, clipped to
-  [0, 1]) and additive Gaussian noise of std eps (``attacks.gaussian_noise``,
-  clipped); accuracy counts all N examples, so clean mistakes are failures.
-  The eps grid is vmapped in chunks of ``eps_chunk``: within a chunk the FGSM
-  gradient does not depend on eps, so vmap computes it once. The noise of
-  grid point i is drawn from ``fold_in(rng, i)``: every model evaluated with
-  the same ``rng`` sees the same noise (common random numbers across a
-  sweep). Cached per ``logits_fn`` (pass the same function object for models
-  of one architecture).
-  """
-  key = (logits_fn, eps_chunk)
-  if key in _CURVES:
-    return _CURVES[key]
-
-  def curves(params, x, y, eps, rng):
-    f = lambda xx, r: logits_fn(params, xx)
-    acc = lambda xa: jnp.mean((jnp.argmax(logits_fn(params, xa), -1) == y).astype(jnp.float32))
-
-    def at(e, i):
-      x_fgsm = attacks.fgsm(f, x, y, rng, eps=e)
-      x_noise = attacks.gaussian_noise(x, jax.random.fold_in(rng, i), e)
-      return acc(x_fgsm), acc(x_noise)
-
-    idx = jnp.arange(eps.shape[0], dtype=jnp.int32)
-    return batching.map_batches(lambda chunk: jax.vmap(at)(*chunk), (eps, idx), eps_chunk)
-
-  _CURVES[key] = jax.jit(curves)
-  return _CURVES[key]
-
-
-def paper_eps_grid(method_config) -> np.ndarray:
-  """``0, step, ..., max`` (the paper: 0 to 0.79 in steps of 0.01), float32."""
-  step, top = float(method_config.paper_eps_step), float(method_config.paper_eps_max)
-  n = int(round(top / step)) + 1
-  return np.round(np.arange(n) * step, 6).astype(np.float32)
-
-
-def curve_area(eps, accuracy) -> float:
-  """R = trapezoid area under accuracy (in percent) vs eps: the paper's unit."""
-  return float(np.trapezoid(100.0 * np.asarray(accuracy, np.float64), np.asarray(eps, np.float64)))
-
-
-def paper_robustness(logits_fn: Callable, params, images, labels, method_config, seed: int = 0) -> dict:
-  """The paper's protocol on the first ``method.paper_examples`` of ``images``.
-
-  Args:
-    logits_fn: ``(params, x) -> logits [N, C]``.
-    params: the model parameters.
-    images: float32 ``[N, ...]`` in [0, 1] (first test images); labels ``[N]``.
-    method_config: ``config.method`` (``paper_eps_*``, ``paper_examples``).
-    seed: noise draws.
-
-  Returns:
-    JSON-able dict: ``eps``, ``fgsm_accuracy``, ``noise_accuracy`` (fractions
-    per eps), ``r_fgsm``, ``r_noise`` (percent x eps, the paper's unit; the
-    authors' MLP has R_FGSM = 4.288), ``examples``.
-  """
-  n = min(int(method_config.paper_examples), len(labels))
-  eps = paper_eps_grid(method_config)
-  fgsm, noise = accuracy_curves_fn(logits_fn)(params, jnp.asarray(images[:n], jnp.float32),
-                                              jnp.asarray(labels[:n], jnp.int32), jnp.asarray(eps),
-                                              jax.random.key(seed))
-  fgsm, noise = np.asarray(fgsm, np.float64), np.asarray(noise, np.float64)
-  return dict(examples=n, eps=eps.tolist(), fgsm_accuracy=fgsm.tolist(), noise_accuracy=noise.tolist(),
-              r_fgsm=curve_area(eps, fgsm), r_noise=curve_area(eps, noise),
-              units='r_*: accuracy in percent integrated over eps (trapezoid)')
 
 
 # --------------------------------------------------------------------------
@@ -240,24 +156,6 @@ class LocalContrastive(base.Method):
     readout = lambda path: 'out' in path
     return [base.Phase('local', int(self.config.train.epochs), self.local_loss, hidden),
             base.Phase('readout', int(m.readout_epochs), self.readout_loss, readout, lr=float(m.readout_lr))]
-
-  # -- the paper's protocol and diagnostics ------------------------------------
-
-  def paper_evaluation(self, params, images, labels, config):
-    """FGSM and Gaussian-noise accuracy over the paper's eps grid and their areas."""
-    # A bound method compares equal across calls: the compiled curves are reused.
-    return paper_robustness(self.deterministic_logits, params, images, labels, config.method,
-                            int(config.eval.seed))
-
-  def deterministic_logits(self, params, x):
-    """``(params, x [B, ...]) -> logits [B, C]`` (this model draws no noise)."""
-    return self.logits(params, x)
-
-  def geometry(self, params, images, labels):
-    """Per hidden layer: mean boson / fermion distance on ``images`` vs the target d_F."""
-    _, reps = self.apply(params, images)
-    return {'pair_distances': dict(target_d_f=float(self.config.method.d_f),
-                                   test=pairs.layer_pair_distances(reps, labels))}
 
 
 METHOD = LocalContrastive

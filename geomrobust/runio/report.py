@@ -21,6 +21,13 @@ def _pct(v) -> str:
   return '–' if v is None else f'{100 * v:.2f}'
 
 
+def format_number(key: str, value) -> str:
+  """A table cell: fractions named ``*accuracy*`` (or ``name@eps``) in %, others to 4 digits."""
+  if value is None or isinstance(value, str):
+    return '–' if value is None else value
+  return _pct(value) if 'accuracy' in key or '@' in key else f'{value:.4g}'
+
+
 def _curves(results: dict, with_clean: bool = False) -> dict[str, list[tuple[float, float]]]:
   """attack -> sorted [(eps, accuracy)]; ``with_clean`` starts every curve at
   (0, clean accuracy) when the grid has no eps = 0 (for plots)."""
@@ -120,28 +127,15 @@ def _sanity_lines(sanity: dict) -> list[str]:
   return lines
 
 
-def _geometry_lines(geometry: dict) -> list[str]:
-  iso = geometry.get('isometry')
-  if not iso:
-    return []
-  lines = ['## Isometry diagnostics (test data, within class, mean over classes)', '',
-           f'Mean within-class input distance: {iso.get("mean_within_input_dist") or 0:.3f}', '',
-           '| layer | corr(K D(h), D(x)) | normalised stress | max D(x) / max D(h) | mean within-class D(h) |',
-           '|---|---|---|---|---|']
-  for l in iso['layers']:
-    lines.append(f'| {l["layer"]} | {l["correlation"]:.3f} | {l["stress"]:.3f} | {l["max_ratio"]:.3f} | '
-                 f'{l["mean_within_dist"]:.3f} |')
-  return lines + ['']
-
-
 def _run_name(results: dict, workdir: pathlib.Path) -> str:
   """'experiment — member' for a member's folder, just the experiment's name otherwise."""
   experiment, folder = results.get('experiment', ''), pathlib.Path(workdir).name
   return f'{experiment} — {folder}' if experiment and folder != experiment else (experiment or folder)
 
 
-def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
-  """report.md + accuracy_vs_eps.png for one model."""
+def write_run_report(workdir: pathlib.Path, config, results: dict, probe_parts: list[str] = ()) -> None:
+  """report.md + accuracy_vs_eps.png for one model; ``probe_parts``: the
+  probes' own markdown sections, appended."""
   workdir = pathlib.Path(workdir)
   curves = _curves(results, with_clean=True)
   if curves:
@@ -169,7 +163,7 @@ def write_run_report(workdir: pathlib.Path, config, results: dict) -> None:
               'Loss of every iterate (one colour per example, one line per restart). Curves still rising at the '
               'last step mean the attack had not converged.', '', '![attack loss vs step](attack_loss_vs_step.png)',
               '']
-  lines += _geometry_lines(results.get('geometry', {}))
+  lines += list(probe_parts)
   runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')
 
 
@@ -202,14 +196,8 @@ def summary_table(member_results: dict[str, dict]) -> list[dict]:
     row = dict(name=name, clean_accuracy=res['clean_accuracy'], attack=attack,
                robust={f'{e:g}': a for e, a in curves.get(attack, [])},
                attacks={k: {f'{e:g}': a for e, a in v} for k, v in curves.items() if k != 'worst_case'})
-    for row_ in (res.get('paper_evaluation') or {}).get('fgsm_train_loss', []):
-      row.setdefault('fgsm_train_loss', {})[f'{row_["eps"]:g}'] = row_['accuracy']
-    failed = [k for k, v in res.get('sanity', {}).items() if not v.get('passed')]
-    row['sanity_failed'] = failed
-    iso = res.get('geometry', {}).get('isometry')
-    if iso and iso['layers']:
-      last = iso['layers'][-1]
-      row['isometry_last_layer'] = {k: last[k] for k in ('correlation', 'stress', 'max_ratio')}
+    row['sanity_failed'] = [k for k, v in res.get('sanity', {}).items() if not v.get('passed')]
+    row['summary'] = dict(res.get('summary', {}))  # the probes' flat numbers
     rows.append(row)
   return rows
 
@@ -281,23 +269,12 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
       lines.append(f'| {r["name"]} | ' + ' | '.join(_pct(r['attacks'].get('fgsm', {}).get(f'{e:g}'))
                                                     for e in fg_eps) + ' |')
     lines += ['', '![FGSM accuracy vs log eps](fgsm_accuracy_vs_log_eps.png)', '']
-  if any('fgsm_train_loss' in r for r in table):
-    tl_eps = sorted({float(e) for r in table for e in (r.get('fgsm_train_loss') or {})})
-    lines += ["## The authors' FGSM: one step on the full training loss (CE + beta * iso), accuracy (%)", '',
-              'Batches of train.batch_size test images, D(x) of the clean batch fixed. A paper-protocol number '
-              'beside the shared evaluation above, not a substitute for it.', '',
-              '| model | ' + ' | '.join(f'{e:g}' for e in tl_eps) + ' |', '|---|' + '---|' * len(tl_eps)]
+  keys = list(dict.fromkeys(k for r in table for k in r.get('summary', {})))
+  if keys:
+    lines += ["## The probes' numbers", '', 'From `config.probes` (each member\'s report.md has the full sections); '
+              'accuracies in %.', '', '| model | ' + ' | '.join(keys) + ' |', '|---|' + '---|' * len(keys)]
     for r in table:
-      lines.append(f'| {r["name"]} | ' + ' | '.join(_pct((r.get('fgsm_train_loss') or {}).get(f'{e:g}'))
-                                                    for e in tl_eps) + ' |')
-    lines.append('')
-  if any('isometry_last_layer' in r for r in table):
-    lines += ['## Isometry of the last hidden layer (test data, within class)', '',
-              '| model | corr(K D(h), D(x)) | normalised stress | max D(x)/max D(h) |', '|---|---|---|---|']
-    for r in table:
-      iso = r.get('isometry_last_layer')
-      if iso:
-        lines.append(f'| {r["name"]} | {iso["correlation"]:.3f} | {iso["stress"]:.3f} | {iso["max_ratio"]:.3f} |')
+      lines.append(f'| {r["name"]} | ' + ' | '.join(format_number(k, r['summary'].get(k)) for k in keys) + ' |')
     lines.append('')
   lines += ['## Members', ''] + [f'- [{r["name"]}]({r["name"]}/report.md)' for r in top['runs']]
   runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')

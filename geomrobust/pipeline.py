@@ -1,0 +1,273 @@
+"""The path every trained model takes, whichever executor trained it: data
+for a config, workdir checks, the shared evaluation plus the configured
+probes, writing results.json / report.md, and loading a run back.
+
+``experiment`` (single models and families) and ``sweep_experiment``
+(stacked, vmapped grids) both build on this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from geomrobust import config as config_lib
+from geomrobust import data as data_lib
+from geomrobust import evaluation
+from geomrobust import methods
+from geomrobust import models
+from geomrobust import probes as probes_lib
+from geomrobust import runio
+from geomrobust.data import subsets
+from geomrobust.runio import report
+from geomrobust.training import loop
+from geomrobust.training import sweep as sweep_lib
+
+# A member trained inside a stacked (vmapped) group: where its slice sits.
+MEMBER_FILE = 'sweep_member.json'
+
+# Config sections that may change between a run and its resume/re-evaluation.
+_NOT_TRAINING_KEYS = ('eval', 'probes', 'only', 'members', 'smoke', 'parallel', 'settings', 'setting')
+
+
+@dataclasses.dataclass
+class Data:
+  train_images: np.ndarray   # uint8 [N, H, W, C]
+  train_labels: np.ndarray   # int32 [N]
+  test_images: np.ndarray    # uint8 [M, H, W, C]: the split used for per-epoch logs
+  test_labels: np.ndarray
+  eval_images: np.ndarray    # uint8: the first eval.num_examples of the full test split
+  eval_labels: np.ndarray
+  num_classes: int
+  source: str
+
+
+def prepare_data(config: ml_collections.ConfigDict, data_dir: str | None) -> Data:
+  d = config.data
+  ds = data_lib.load_dataset(config.dataset, data_dir, verify_checksums=bool(d.verify),
+                             expected_counts=bool(d.verify))
+  tr_x, tr_y = subsets.first_examples(ds.train_images, ds.train_labels, examples=int(d.train_examples),
+                                      per_class=int(d.train_per_class), num_classes=ds.num_classes)
+  te_x, te_y = subsets.first_examples(ds.test_images, ds.test_labels, examples=int(d.test_examples),
+                                      per_class=int(d.test_per_class), num_classes=ds.num_classes)
+  n_eval = int(config.eval.num_examples) or len(ds.test_labels)
+  return Data(tr_x, tr_y, te_x, te_y, ds.test_images[:n_eval], ds.test_labels[:n_eval],
+              ds.num_classes, ds.source)
+
+
+def data_key(config: ml_collections.ConfigDict) -> str:
+  """What ``prepare_data`` depends on: members that agree on it share one load."""
+  return json.dumps([config.dataset, config.data.to_dict(), int(config.eval.num_examples)], sort_keys=True,
+                    default=str)
+
+
+def _training_view(cfg: dict) -> dict:
+  return {k: v for k, v in cfg.items() if k not in _NOT_TRAINING_KEYS}
+
+
+def _config_diff(a: dict, b: dict, prefix: str = '') -> list[str]:
+  out = []
+  for k in sorted(set(a) | set(b)):
+    va, vb = a.get(k), b.get(k)
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out.extend(_config_diff(va, vb, f'{prefix}{k}.'))
+    elif va != vb:
+      out.append(f'{prefix}{k}: {va!r} -> {vb!r}')
+  return out
+
+
+def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a run whose training config differs (would mix runs)."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return
+  # Fields added to default_config() since that run was written count as
+  # their defaults, so upgrading geomrobust does not orphan finished runs.
+  old = _training_view(config_lib.fill_defaults(runio.read_json(path)))
+  new = _training_view(json.loads(config_lib.to_json(config)))
+  diff = _config_diff(old, new)
+  if diff:
+    raise config_lib.ConfigError(
+        f'{workdir} holds a run with a different config ({"; ".join(diff[:4])}); pass a new --workdir, '
+        'or delete that folder to start over')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast (before data or training) on unknown names and bad combinations."""
+  num_classes = data_lib.get_spec(config.dataset).num_classes
+  method = _build(config, num_classes)
+  method.phases()
+  evaluation.recipes.resolve(config.eval)
+  if int(config.train.batch_size) <= 0 or int(config.train.epochs) < 0:
+    raise config_lib.ConfigError('train.batch_size must be positive and train.epochs non-negative')
+
+
+def _build(config: ml_collections.ConfigDict, num_classes: int):
+  model = models.build_model(config.model, num_classes)
+  return methods.build_method(config, model, num_classes)
+
+
+def evaluate_model(method: methods.Method, params, data: Data, config, mesh, *, evaluator: evaluation.Evaluator,
+                   probes: list, eval_config=None, log=print, tag='') -> dict:
+  """The shared evaluation (``eval_config``, default ``config.eval``) and the
+  configured probes of one trained model, as a results dict.
+
+  ``evaluator`` and ``probes`` are built once per experiment so their compiled
+  programs serve every member. Probes get the evaluation's adversarial
+  examples for the ``(attack, eps)`` pairs they request.
+  """
+  ev_cfg = eval_config if eval_config is not None else config.eval
+  x = data_lib.to_float(data.eval_images)
+  requests = [r for p in probes for r in p.adversarial_requests(config)]
+  apply_fn = evaluator.classifier(method.classifier_key(), method.logits)
+  ev = evaluator.evaluate(apply_fn, params, x, data.eval_labels, ev_cfg, mesh, stochastic=method.stochastic,
+                          log=log, tag=tag, keep_inputs=requests)
+  adversarial = ev.pop('adversarial')
+  probed = evaluate_probes(method, params, data, config, probes, ev_cfg, adversarial)
+  ev['timing']['probe_seconds'] = probed['seconds']
+  return dict(
+      experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
+      seed=int(config.seed), clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
+      eval_examples=ev['eval_examples'], sanity=ev['sanity'], geometry=probed['geometry'],
+      probes=probed['probes'], summary=probed['summary'], timing=ev['timing'], convergence=ev['convergence'],
+      masks=ev['masks'], smoke=bool(config.get('smoke_run', False)))
+
+
+def evaluate_probes(method: methods.Method, params, data: Data, config, probes: list, ev_cfg,
+                    adversarial: dict | None = None) -> dict:
+  """Runs ``probes`` on one model: ``{'geometry': {name: out}, 'probes': {name:
+  out}, 'summary': {flat numbers}, 'seconds'}``. ``adversarial`` holds the
+  evaluation's attacked inputs (``'attack@eps' -> [N, ...]``) probes asked for."""
+  t0 = time.perf_counter()
+  x = data_lib.to_float(data.eval_images)
+  out = {'geometry': {}, 'probes': {}, 'summary': {}}
+  for i, probe in enumerate(probes):
+
+    def adversarial_of(attack: str, eps: float, name=probe.name):
+      key = f'{attack}@{float(eps):g}'
+      if not adversarial or key not in adversarial:
+        raise ValueError(f'probe {name!r} read adversarial examples {key} it did not request')
+      return adversarial[key]
+
+    inp = probes_lib.ProbeInput(
+        method=method, params=params, config=config, eval_x=x, eval_y=data.eval_labels,
+        train_x=data.train_images, train_y=data.train_labels, test_x=data.test_images, test_y=data.test_labels,
+        box=(0.0, 1.0), key=jax.random.fold_in(jax.random.key(int(ev_cfg.seed)), 1000 + i),
+        adversarial=adversarial_of)
+    result = probe(inp)
+    out['geometry' if probe.kind == 'geometry' else 'probes'][probe.name] = result
+    for k, v in probe.summary(result).items():
+      if k in out['summary']:
+        raise config_lib.ConfigError(f'probes {probe.name!r} and another both report {k!r}; drop one of them')
+      out['summary'][k] = v
+  out['seconds'] = time.perf_counter() - t0
+  return out
+
+
+def write_results(workdir: pathlib.Path, config, results: dict, probes: list | None = None) -> None:
+  masks = results.pop('masks', None)
+  if masks is not None:
+    # Per-example correctness after each (attack, eps): which examples are robust.
+    np.savez_compressed(workdir / 'robust_masks.npz', **{k: np.asarray(v) for k, v in masks.items()})
+    results['robust_masks'] = 'robust_masks.npz'
+  runio.write_json(workdir / 'results.json', results)
+  if probes is None:
+    probes = probes_lib.build_probes(config.get('probes'))
+  parts = []
+  for probe in probes:
+    out = results.get('geometry' if probe.kind == 'geometry' else 'probes', {}).get(probe.name)
+    if out:
+      parts += probe.report(out, workdir)
+  report.write_run_report(workdir, config, results, parts)
+
+
+# --------------------------------------------------------------------------
+# Loading a run back
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run: its config, parameters and classifier.
+
+  ``run.logits(x)`` (or ``run.logits(x, rng)`` for stochastic models) maps
+  float32 images in [0,1] shaped like the dataset's examples (NHWC, e.g.
+  ``[B, 28, 28, 1]``) to logits ``[B, C]``; it is a pure JAX function of
+  ``x`` (jit/grad/vmap work), closing over ``run.params``.
+  """
+
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict
+  params: Any
+  method: methods.Method
+  epoch: int
+
+  @property
+  def stochastic(self) -> bool:
+    return self.method.stochastic
+
+  def apply_fn(self, params, x, rng=None):
+    """``(params, x, rng) -> logits``: the same classifier with explicit params."""
+    return self.method.logits(params, x, rng)
+
+  def logits(self, x, rng=None):
+    if self.stochastic and rng is None:
+      raise ValueError('this model is stochastic: call run.logits(x, rng) with a jax.random key')
+    return self.method.logits(self.params, jnp.asarray(x, jnp.float32), rng)
+
+  @property
+  def results(self) -> dict | None:
+    path = self.workdir / 'results.json'
+    return runio.read_json(path) if path.exists() else None
+
+
+def member_names(workdir: str | pathlib.Path) -> list[str]:
+  path = pathlib.Path(workdir) / 'results.json'
+  if path.exists():
+    return [r['name'] for r in runio.read_json(path).get('runs', [])]
+  return sorted(p.parent.name for p in pathlib.Path(workdir).glob('*/config.json'))
+
+
+def load_run(workdir: str | pathlib.Path, member: str | None = None) -> Run:
+  """Loads a trained run (``member`` names one model of a multi-model experiment)."""
+  workdir = pathlib.Path(workdir)
+  if member:
+    workdir = workdir / member
+  if (workdir / MEMBER_FILE).exists():
+    # A member of a stacked group: its params are a slice of the group's checkpoint.
+    return _load_slice(workdir)
+  cfg_path = workdir / 'config.json'
+  if not cfg_path.exists():
+    raise FileNotFoundError(f'no run in {workdir} (config.json missing)')
+  config = config_lib.with_defaults(runio.read_json(cfg_path))
+  if not (workdir / 'checkpoints').exists():
+    names = member_names(workdir)
+    if names:
+      raise ValueError(f'{workdir} holds several models; call load_run({str(workdir)!r}, member) with member '
+                       f'one of: {", ".join(names)}')
+    raise FileNotFoundError(f'no checkpoints in {workdir}: the run has not trained an epoch yet')
+  num_classes = data_lib.get_spec(config.dataset).num_classes
+  method = _build(config, num_classes)
+  params, epoch = loop.restore_params(workdir)
+  return Run(workdir=workdir, config=config, params=jax.tree.map(jnp.asarray, params), method=method, epoch=epoch)
+
+
+
+
+def _load_slice(run_dir: pathlib.Path) -> Run:
+  """``Run`` of a member whose params are a slice ``[seed_index, value_index]``
+  of a stacked checkpoint (the manifest ``sweep_member.json`` says where)."""
+  info = runio.read_json(run_dir / MEMBER_FILE)
+  config = config_lib.with_defaults(runio.read_json(run_dir / 'config.json'))
+  stacked, epoch = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'])
+  params = jax.tree.map(lambda a: jnp.asarray(a[info['seed_index'], info['value_index']]), stacked)
+  num_classes = data_lib.get_spec(config.dataset).num_classes
+  return Run(workdir=run_dir, config=config, params=params, method=_build(config, num_classes), epoch=epoch)

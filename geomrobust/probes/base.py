@@ -1,0 +1,99 @@
+"""What a probe is: a measurement of a trained model, returned as JSON.
+
+A probe gets a :class:`ProbeInput` (the method's forward pass, the
+parameters, the evaluation data, a key, and on request the evaluation's
+adversarial examples) and returns a JSON-able dict. It also says which flat
+numbers go into tables (:meth:`Probe.summary`) and how its section reads in
+a member's report (:meth:`Probe.report`). The runner, evaluation and report
+code stay generic: a paper's protocol or constant lives in its probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass
+class ProbeInput:
+  """Everything a probe may read.
+
+  Attributes:
+    method: the trained method; ``method.apply(params, x, rng) -> (logits
+      [B, C], reps tuple)``, ``method.logits(params, x, rng)``, and for
+      probes of the training objective ``method.phases()`` / ``hparams()``.
+    params: the model parameters.
+    config: the member's whole config (read-only).
+    eval_x: float32 ``[N, ...]``: the evaluation examples (first N test examples).
+    eval_y: int32 ``[N]``.
+    train_x, train_y, test_x, test_y: the training data and the per-epoch
+      test split, as stored (uint8 images or float; see ``data.to_float``).
+    box: the valid input range ``(lo, hi)``, or None when unbounded.
+    key: this probe's key (derived from ``eval.seed`` and the probe's name).
+    adversarial: ``(attack, eps) -> float32 [N, ...]`` adversarial examples of
+      the evaluation set found by the shared evaluation, for the pairs the
+      probe asked for in :meth:`Probe.adversarial_requests`; None otherwise.
+  """
+
+  method: Any
+  params: Any
+  config: ml_collections.ConfigDict
+  eval_x: np.ndarray
+  eval_y: np.ndarray
+  train_x: np.ndarray
+  train_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  box: tuple[float, float] | None
+  key: jax.Array
+  adversarial: Callable[[str, float], np.ndarray] | None = None
+
+
+class Probe:
+  """Base class. Subclasses set ``kind`` and implement ``__call__``.
+
+  ``kind`` is ``'geometry'`` (the result goes under ``results['geometry']``)
+  or ``'protocol'`` (under ``results['probes']``: e.g. a paper's own attack,
+  reported *beside* the shared evaluation, never instead of it).
+  """
+
+  kind = 'geometry'
+
+  def __init__(self, name: str, options: ml_collections.ConfigDict):
+    self.name = name
+    self.options = options
+
+  def adversarial_requests(self, config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
+    """``[(attack, eps)]`` whose adversarial examples this probe wants from the evaluation."""
+    del config
+    return []
+
+  def __call__(self, inp: ProbeInput) -> dict:
+    raise NotImplementedError
+
+  def summary(self, out: dict) -> dict[str, float]:
+    """Flat numbers for tables (grouped by the swept value, mean and std)."""
+    del out
+    return {}
+
+  def report(self, out: dict, workdir: pathlib.Path) -> list[str]:
+    """Markdown lines for the member's report.md (may write plots into ``workdir``)."""
+    del workdir
+    lines = [f'## Probe `{self.name}`', '']
+    lines += [f'- {k}: {v:.4g}' if isinstance(v, float) else f'- {k}: {v}' for k, v in self.summary(out).items()]
+    return lines + ['']
+
+
+def option_from_config(config: ml_collections.ConfigDict, path: str, default):
+  """``config`` at dotted ``path`` (e.g. ``'method.k'``), or ``default`` when absent or path is ''."""
+  node = config
+  for part in (path.split('.') if path else []):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return default
+    node = node[part]
+  return default if node is config else node
