@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.eps = (0.05, 0.1, 0.2)
   c.sweep = ml_collections.ConfigDict(dict(
       hparam='d_f', grid=tuple(float(v) for v in _grid(0.05).split(',')), seeds=3, chunk_size=0,
-      baseline='mlp: method.name=standard; train.lr=0.001',
+      baseline="mlp: method={'name': 'standard'}; train.lr=0.001",
       mean_last_epochs=10, screen_profile='quick', screen_examples=500, pgd_eps=0.05,
       strong=('baseline', 'best:clean_accuracy', 'best:r_fgsm'), strong_seeds=1))
   c.settings = ml_collections.ConfigDict({

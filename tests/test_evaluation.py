@@ -131,12 +131,25 @@ def test_verdicts_do_not_depend_on_batch_size_subset_or_grid(honest):
 def test_compiled_attacks_are_reused_across_models(honest):
   params, x, y = honest
   ev = _ev(sanity=False, attacks=('pgd',))
-  _run(_mlp, params, x, y, ev)
-  fn = suite.correct_fn(_mlp, recipes.resolve(ev)[-1], 32, parallel.make_mesh(1))
-  before = (len(suite._COMPILED), fn._cache_size())
+  traces = []
+
+  def counted(p, xx, r):  # runs once per trace, never per call
+    traces.append(1)
+    return _mlp(p, xx, r)
+
+  evaluator = evaluation.Evaluator()
+  evaluator.evaluate(counted, params, x, y, ev, parallel.make_mesh(1), log=lambda s: None)
+  before = (evaluator.compiled, len(traces))
+  assert before[1] > 0
   other = jax.tree.map(lambda a: a * 1.01, params)  # another model of the same architecture
-  _run(_mlp, other, x, y, ev)
-  assert (len(suite._COMPILED), fn._cache_size()) == before
+  res = evaluator.evaluate(counted, other, x, y, ev, parallel.make_mesh(1), log=lambda s: None)
+  assert (evaluator.compiled, len(traces)) == before
+  # ... and it is evaluated, not a cached answer: the same numbers as a fresh evaluator.
+  fresh = _run(_mlp, other, x, y, ev)
+  np.testing.assert_array_equal(res['masks']['pgd@0.1'], fresh['masks']['pgd@0.1'])
+  # A fresh evaluator compiles anew: nothing is cached at module level.
+  evaluation.Evaluator().evaluate(counted, other, x, y, ev, parallel.make_mesh(1), log=lambda s: None)
+  assert len(traces) > before[1]
 
 
 def _noisy(params, x, rng):

@@ -1,0 +1,222 @@
+"""The experiment pipeline: probes, keys reaching the model, members that
+replace sections or change the dataset."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from geomrobust import attacks
+from geomrobust import config as config_lib
+from geomrobust import data as data_lib
+from geomrobust import evaluation
+from geomrobust import experiment
+from geomrobust import models
+from geomrobust import parallel
+from geomrobust import pipeline
+from geomrobust import probes
+from geomrobust import runio
+from geomrobust.data import testing
+from geomrobust.methods import build_method
+
+
+def _tiny_config(**train):
+  cfg = config_lib.default_config()
+  cfg.model.hidden = (16,)
+  cfg.method = ml_collections.ConfigDict(dict(name='standard'))
+  cfg.data.verify = False
+  cfg.train.epochs = train.get('epochs', 1)
+  cfg.train.batch_size = 32
+  cfg.eval.num_examples = 32
+  cfg.eval.batch_size = 32
+  cfg.eval.eps = (0.1,)
+  cfg.eval.attacks = ('fgsm', 'pgd')
+  cfg.eval.pgd_steps = 3
+  cfg.eval.pgd_restarts = 1
+  cfg.eval.sanity = False
+  cfg.eval.trajectories = 0
+  return cfg
+
+
+def _probe_input(method, params, x, y, cfg, adversarial=None):
+  return probes.ProbeInput(method=method, params=params, config=cfg, eval_x=x, eval_y=y, train_x=x, train_y=y,
+                           test_x=x, test_y=y, box=(0.0, 1.0), key=jax.random.key(0), adversarial=adversarial)
+
+
+# -- probes -------------------------------------------------------------------
+
+
+def test_probe_registry_lists_modules_and_rejects_unknown_names():
+  assert {'isometry', 'pair_distances', 'fgsm_noise_areas', 'train_loss_fgsm'} <= set(probes.available_probes())
+  with pytest.raises(ValueError, match="unknown probe 'nope'.*available: .*isometry"):
+    probes.build_probes({'nope': {}})
+  cfg = config_lib.apply_overrides(config_lib.load_experiment('isometric_mnist'), [('probes.isometry.examples', '7')])
+  assert [p.name for p in probes.build_probes(cfg.probes)] == ['isometry', 'train_loss_fgsm']
+  assert probes.build_probes(cfg.probes)[0].options.examples == 7
+
+
+def test_train_loss_fgsm_with_beta_zero_equals_the_ce_fgsm():
+  """The authors' FGSM on CE + 0 * iso is one FGSM step on CE (checked by hand)."""
+  cfg = config_lib.load_experiment('isometric_mnist')
+  cfg.model.hidden = (16, 16)
+  cfg.method.beta = 0.0
+  cfg.train.batch_size = 16
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  params = method.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  x = jax.random.uniform(jax.random.key(1), (32, 28, 28, 1))
+  y = jnp.arange(32) % 10
+  probe = probes.build_probes({'train_loss_fgsm': {'eps': (0.0, 0.1)}})[0]
+  rows = probe(_probe_input(method, params, x, y, cfg))['fgsm_train_loss']
+  assert [r['eps'] for r in rows] == [0.0, pytest.approx(0.1)]
+  for row in rows:
+    x_adv = attacks.fgsm(lambda xx, r: method.logits(params, xx), x, y, jax.random.key(0), eps=row['eps'])
+    acc = float((jnp.argmax(method.logits(params, x_adv), -1) == y).mean())
+    assert row['accuracy'] == pytest.approx(acc)
+  # ... and with beta > 0 the loss (hence the attack) differs.
+  cfg.method.beta = 10.0
+  heavy = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  other = probe(_probe_input(heavy, params, x, y, cfg))['fgsm_train_loss']
+  assert other[1]['accuracy'] != rows[1]['accuracy']
+
+
+def test_fgsm_noise_areas_match_a_direct_computation():
+  cfg = _tiny_config()
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  x8, y = testing.class_blobs(64, 0)
+  x = jnp.asarray(x8, jnp.float32) / 255.0
+  params = method.init_params(jax.random.key(0), x[:1])
+  probe = probes.build_probes({'fgsm_noise_areas': {'eps_max': 0.2, 'eps_step': 0.05, 'examples': 64}})[0]
+  out = probe(_probe_input(method, params, x, y, cfg))
+  assert out['eps'] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+  clean = float(jnp.mean(jnp.argmax(method.logits(params, x), -1) == y))
+  assert out['fgsm_accuracy'][0] == pytest.approx(clean) and out['noise_accuracy'][0] == pytest.approx(clean)
+  g = jax.grad(lambda xx: -jnp.sum(jax.nn.log_softmax(method.logits(params, xx))[jnp.arange(64), y]))(x)
+  manual = float(jnp.mean(jnp.argmax(method.logits(params, jnp.clip(x + 0.1 * jnp.sign(g), 0, 1)), -1) == y))
+  assert out['fgsm_accuracy'][2] == pytest.approx(manual)
+  assert out['r_fgsm'] == pytest.approx(float(np.trapezoid(100 * np.asarray(out['fgsm_accuracy']), out['eps'])))
+  assert probe.summary(out) == {'r_fgsm': out['r_fgsm'], 'r_noise': out['r_noise']}
+
+
+class _AdversarialNorm(probes.Probe):
+  """A probe that asks for the evaluation's PGD examples (what manifold probes will do)."""
+  kind = 'geometry'
+
+  def adversarial_requests(self, config):
+    return [('pgd', 0.1)]
+
+  def __call__(self, inp):
+    x_adv = inp.adversarial('pgd', 0.1)
+    delta = np.abs(np.asarray(x_adv) - np.asarray(inp.eval_x)).reshape(len(x_adv), -1).max(1)
+    return {'max_linf': float(delta.max()), 'moved': float((delta > 0).mean())}
+
+  def summary(self, out):
+    return dict(out)
+
+
+def test_probes_get_the_evaluations_adversarial_examples(tmp_path):
+  cfg = _tiny_config()
+  x8, y = testing.class_blobs(64, 0, shape=(28, 28, 1))
+  data = pipeline.Data(x8, y, x8, y, x8[:32], y[:32], 10, 'test')
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  params = method.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  res = pipeline.evaluate_model(method, params, data, cfg, parallel.make_mesh(1), evaluator=evaluation.Evaluator(),
+                                probes=[_AdversarialNorm('adv_norm', ml_collections.ConfigDict())],
+                                log=lambda s: None)
+  out = res['geometry']['adv_norm']
+  # PGD examples: inside the eps-ball, and actually moved (not the clean inputs).
+  assert 0.0 < out['max_linf'] <= 0.1 + 1e-6 and out['moved'] > 0.5
+  assert res['summary'] == out
+  assert 'adversarial' not in res  # attacked inputs are not written to results.json
+
+
+# -- keys reach the model --------------------------------------------------------
+
+
+class NoisyMLP(nn.Module):
+  """An MLP whose hidden units get Gaussian noise drawn with make_rng('noise')."""
+  num_classes: int = 10
+  stochastic = True  # a property of the model: the evaluation uses EOT
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.tanh(nn.Dense(32, name='hidden_0')(x.reshape((x.shape[0], -1))))
+    h = h + 0.5 * jax.random.normal(self.make_rng('noise'), h.shape)
+    return nn.Dense(self.num_classes, name='out')(h), (h,)
+
+
+def test_a_module_that_draws_noise_trains_and_evaluates_with_eot(tmp_path, tiny_mnist_dir):
+  models.register_model('noisy_mlp_test', lambda c, n: NoisyMLP(num_classes=n))
+  cfg = _tiny_config(epochs=2)
+  cfg.model = ml_collections.ConfigDict(dict(name='noisy_mlp_test'))
+  cfg.eval.eot_samples = 4
+  res = experiment.train_and_evaluate(cfg, tmp_path / 'run', tiny_mnist_dir, log=lambda s: None)
+  assert all(r['eot'] == 4 for r in res['robustness'])
+  run = experiment.load_run(tmp_path / 'run')
+  assert run.stochastic
+  x = jnp.full((2, 28, 28, 1), 0.5)
+  with pytest.raises(ValueError, match='stochastic'):
+    run.logits(x)
+  a, b = run.logits(x, jax.random.key(0)), run.logits(x, jax.random.key(1))
+  assert not np.allclose(a, b)  # the key reaches the module
+  np.testing.assert_array_equal(a, run.logits(x, jax.random.key(0)))
+
+
+def test_deterministic_models_ignore_the_key():
+  cfg = _tiny_config()
+  method = build_method(cfg, models.build_model(cfg.model, 10), 10)
+  params = method.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  x = jnp.full((2, 28, 28, 1), 0.5)
+  assert not method.stochastic
+  np.testing.assert_array_equal(method.logits(params, x), method.logits(params, x, jax.random.key(3)))
+
+
+# -- members ----------------------------------------------------------------------
+
+
+def test_members_replace_sections_and_add_fields_only_when_they_rechoose_them():
+  base = config_lib.load_experiment('isometric_mnist')
+  cfg = config_lib.apply_overrides(base, [(
+      'members', "cnn: model={'name': 'cnn', 'channels': (4,), 'convs_per_block': 1, 'kernel_size': 3, "
+                 "'dense': (8,), 'activation': 'relu', 'weight_init': 'torch'}; method.name=standard; "
+                 "method.smoothing=0.1")])
+  (name, _, member), = config_lib.member_configs(cfg)
+  assert name == 'cnn' and member.model.to_dict()['channels'] == (4,) and 'hidden' not in member.model
+  assert member.method.name == 'standard' and member.method.smoothing == 0.1
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'method.nope' \(to add a field"):
+    config_lib.member_configs(config_lib.apply_overrides(base, [('members', 'x: method.nope=1')]))
+  with pytest.raises(config_lib.ConfigError, match="bad value .*a section takes a dict"):
+    config_lib.apply_overrides(base, [('model', '3')])
+
+
+def test_a_member_on_another_dataset_trains_on_it(tmp_path):
+  root = tmp_path / 'data'
+  testing.write_idx_dataset(root / 'mnist', n_train=64, n_test=32, seed=0)
+  testing.write_idx_dataset(root / 'fashion_mnist', n_train=64, n_test=32, seed=1)
+  cfg = _tiny_config()
+  cfg.experiment = 'mixed'
+  cfg.members = ('a: seed=0', 'b: dataset=fashion_mnist')
+  lines = []
+  experiment.run_experiment(cfg, tmp_path / 'w', str(root), log=lines.append)
+  res_b = runio.read_json(tmp_path / 'w' / 'b' / 'results.json')
+  assert res_b['dataset'] == 'fashion_mnist'
+  assert any('[b 2/2]' in l and 'fashion_mnist' in l for l in lines)
+  # The same member alone (its own data load) gives the same numbers: it trained on Fashion-MNIST.
+  alone = config_lib.member_configs(cfg)[1][2]
+  solo = experiment.train_and_evaluate(alone, tmp_path / 'solo', str(root), log=lambda s: None)
+  assert solo['clean_accuracy'] == res_b['clean_accuracy']
+  np.testing.assert_array_equal(np.load(tmp_path / 'solo' / 'robust_masks.npz')['pgd@0.1'],
+                                np.load(tmp_path / 'w' / 'b' / 'robust_masks.npz')['pgd@0.1'])
+  ref = data_lib.load_dataset('fashion_mnist', str(root), verify_checksums=False, expected_counts=False)
+  assert len(ref.train_labels) == 64
+
+
+def test_stored_cnn_config_is_not_filled_with_mlp_defaults():
+  stored = json.loads(config_lib.to_json(config_lib.load_experiment('standard_mnist')))
+  del stored['train']['augment']
+  filled = config_lib.fill_defaults(stored)
+  assert filled['train']['augment'] == ''  # a closed section gets the new default field
+  assert 'hidden' not in filled['model']   # an MLP field never enters a CNN section
