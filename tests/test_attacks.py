@@ -361,11 +361,23 @@ def test_eot_k1_is_plain_gradient():
 
 def test_stochastic_model_attacks_with_eot():
   f = _masked_linear()
-  x = _uniform(0, (5, 10))
-  y = jnp.array([0, 1, 2, 0, 1])
+  x = _uniform(0, (16, 10))
+  # The expected loss and the vote over many draws (fixed keys, not the
+  # attack's): common random numbers for the clean and the attacked inputs.
+  probe = _jit(lambda v, y: A.eot_value(f, lambda z: losses.cross_entropy(z, y), 512)(v, jax.random.key(99)))
+  clean = probe(x, jnp.zeros(16, jnp.int32))
+  y = jnp.argmax(clean.probs, -1)  # labels = the model's own vote: clean accuracy 1
+  clean_loss = np.asarray(probe(x, y).loss)
   for name in ['pgd', 'apgd']:
     x_adv = _jitted(name, f, eot_samples=4, **_SETTINGS[name])(x, y, _key(1), 0.1)
     _assert_feasible(x_adv, x, 0.1, 'linf', name)
+    adv = probe(x_adv, y)
+    # eps = 0.1 raises every example's expected loss by ~0.12 or more (0.18 on
+    # average) and flips the vote on most of them; x itself would change neither.
+    gain = np.asarray(adv.loss) - clean_loss
+    assert gain.min() > 0.05, (name, gain)
+    accuracy = float(np.mean(np.asarray(jnp.argmax(adv.probs, -1)) == np.asarray(y)))
+    assert accuracy <= 0.6, (name, accuracy)
 
 
 # ----------------------------------------------------------------------------- strength

@@ -168,6 +168,11 @@ def test_stochastic_models_get_eot_and_their_own_checks(honest):
   assert {'frozen_noise_attack', 'eot_doubled'} <= set(res['sanity'])
   assert res['sanity']['eps0_equals_clean']['passed']  # same draws for the clean and the eps=0 verdicts
   assert res['clean_accuracy'] > 0.8
+  # The EOT attack really attacks: at eps 0.1 PGD leaves ~1/3 of what
+  # random noise of the same size leaves (~all), at eps 0.2 nothing.
+  acc = {(r['attack'], r['eps']): r['accuracy'] for r in res['robustness']}
+  assert acc['pgd', 0.1] < min(res['clean_accuracy'], acc['noise', 0.1]) - 0.3, acc
+  assert acc['pgd', 0.2] < 0.1, acc
 
 
 def test_check_eps_is_where_the_worst_case_is_half_of_clean():

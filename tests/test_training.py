@@ -184,8 +184,57 @@ def test_sharded_step_on_8_devices_matches_one_device(run_on_8_cpu_devices):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_batch_size_must_divide_over_devices():
+BATCH_CHECK_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    sys.path.insert(0, {repo!r})
+    from tests.test_training import tiny_config, tiny_data, _method
+    from geomrobust import evaluation, parallel
+    from geomrobust.training import loop
+    assert jax.device_count() == 8, jax.devices()
+    mesh = parallel.make_mesh(8)
+    out = {{}}
+
+    def attempt(name, fn):
+      try:
+        fn()
+        out[name] = None
+      except Exception as e:  # recorded, asserted on by the test
+        out[name] = [type(e).__name__, str(e)]
+
+    attempt('check_16', lambda: parallel.check_batch_size(16, mesh))
+    attempt('check_12', lambda: parallel.check_batch_size(12, mesh))
+    attempt('check_eval_4', lambda: parallel.check_batch_size(4, mesh, 'eval.batch_size'))
+    x, y = tiny_data(64)
+    cfg = tiny_config(epochs=1, batch_size=12)
+    cfg.eval.batch_size = 16
+    attempt('train_12', lambda: loop.train(_method(cfg), x, y, x[:16], y[:16], cfg, {tmp!r} + '/run',
+                                           mesh, log=lambda s: None))
+    ev = cfg.eval
+    ev.update(dict(batch_size=12, eps=(0.1,), attacks=('pgd',), pgd_steps=1, pgd_restarts=1, sanity=False,
+                   trajectories=0))
+    method = _method(cfg)
+    params = method.init_params(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+    attempt('eval_12', lambda: evaluation.evaluate(method.logits, params, x[:24].astype(np.float32) / 255,
+                                                   y[:24], ev, mesh, log=lambda s: None))
+    json.dump(out, open({tmp!r} + '/out.json', 'w'))
+''')
+
+
+def test_batch_size_must_divide_over_devices(run_on_8_cpu_devices):
   mesh = parallel.make_mesh(1)
   parallel.check_batch_size(7, mesh)  # one device: anything goes
   with pytest.raises(ValueError, match='parallel.num_devices=3 but only 1 devices'):
     parallel.make_mesh(3)
+  # On 8 devices a batch that does not split evenly is refused up front, by
+  # the check itself and by training and evaluation before anything compiles.
+  out = run_on_8_cpu_devices(BATCH_CHECK_SCRIPT)
+  assert out['check_16'] is None
+  assert out['check_12'] == ['ValueError', 'train.batch_size=12 is not divisible by the 8 data-parallel devices; '
+                             'use a multiple of 8 or set --config.parallel.num_devices']
+  assert out['check_eval_4'] is not None and out['check_eval_4'][1].startswith(
+      'eval.batch_size=4 is not divisible by the 8 data-parallel devices'), out['check_eval_4']
+  assert out['train_12'] == out['check_12'], out['train_12']
+  assert out['eval_12'] is not None and out['eval_12'][0] == 'ValueError', out['eval_12']
+  assert out['eval_12'][1].startswith('eval.batch_size=12 is not divisible by the 8 data-parallel devices'), \
+      out['eval_12']
