@@ -75,7 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
                        a huge eps, doubled steps and restarts, another batch
                        size; stochastic models: frozen noise, 2x EOT).
   eval.large_eps       eps of the "huge eps drives accuracy to ~0" check
-                       (0 = 1.0 for linf, sqrt(input size) for l2).
+                       (0 = 1.0 for linf, sqrt(input size) for l2: the whole
+                       [0, 1] box; evaluations with no input box use 10 x
+                       max |x| instead, see evaluation/sanity.py).
   eval.check_eps       eps of the doubled-budget and batch-size checks (0 =
                        the grid eps whose worst-case accuracy is nearest half
                        the clean accuracy, where a stronger attack shows most).

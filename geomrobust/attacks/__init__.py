@@ -1,6 +1,8 @@
 """Adversarial attacks on ``logits_fn(x, rng) -> logits`` closures, all jit-compatible.
 
-Inputs are float images/vectors ``x`` [B, ...] in [0, 1]; eps is on that scale.
+Inputs are float images/vectors ``x`` [B, ...], by default in [0, 1] (eps is on
+that scale); every attack takes a static ``box=(lo, hi)`` for another valid
+input range, or ``box=None`` for inputs with no valid box (the eps-ball only).
 Deterministic models: wrap ``f(x)`` with :func:`deterministic`. Stochastic
 models get EOT gradients with ``eot_samples=k``.
 """
@@ -11,8 +13,8 @@ from geomrobust.attacks.apgd import apgd, apgd_checkpoints
 from geomrobust.attacks.eot import EotOutput, deterministic, eot_grad, eot_value, eot_value_and_grad
 from geomrobust.attacks.losses import LOSSES, cross_entropy, dlr, get_loss, margin
 from geomrobust.attacks.noise import gaussian_noise, random_noise
-from geomrobust.attacks.norms import (NORMS, per_example_norm, project, random_init, random_surface,
-                                      step_direction)
+from geomrobust.attacks.norms import (NORMS, UNIT_BOX, Box, check_box, clip_to_box, per_example_norm, project,
+                                      random_init, random_surface, step_direction)
 from geomrobust.attacks.pgd import fgsm, pgd
 
 ATTACKS = {'fgsm': fgsm, 'pgd': pgd, 'apgd': apgd, 'noise': random_noise}
@@ -36,7 +38,7 @@ def make_attack(name: str, apply_fn, **static_kwargs):
   argument (instead of closing over them) keeps the weights out of the
   compiled program as constants. ``eps`` and any ``array_kwargs`` (e.g.
   ``step_size``, ``target_labels``) are traced, so an eps grid compiles once
-  per input shape; ``static_kwargs`` (steps, restarts, norm, loss, ...) are
+  per input shape; ``static_kwargs`` (steps, restarts, norm, loss, box, ...) are
   fixed at construction.
   """
   attack = get_attack(name)
@@ -50,8 +52,8 @@ def make_attack(name: str, apply_fn, **static_kwargs):
 
 
 __all__ = [
-    'ATTACKS', 'EotOutput', 'LOSSES', 'NORMS', 'apgd', 'apgd_checkpoints', 'cross_entropy',
-    'deterministic', 'dlr', 'eot_grad', 'eot_value', 'eot_value_and_grad', 'fgsm', 'gaussian_noise',
-    'get_attack', 'get_loss', 'make_attack', 'margin', 'per_example_norm', 'pgd', 'project',
+    'ATTACKS', 'Box', 'EotOutput', 'LOSSES', 'NORMS', 'UNIT_BOX', 'apgd', 'apgd_checkpoints', 'check_box',
+    'clip_to_box', 'cross_entropy', 'deterministic', 'dlr', 'eot_grad', 'eot_value', 'eot_value_and_grad', 'fgsm',
+    'gaussian_noise', 'get_attack', 'get_loss', 'make_attack', 'margin', 'per_example_norm', 'pgd', 'project',
     'random_init', 'random_noise', 'random_surface', 'run_attack', 'step_direction',
 ]

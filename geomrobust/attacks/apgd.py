@@ -17,7 +17,7 @@ import numpy as np
 
 from geomrobust.attacks import common
 from geomrobust.attacks.eot import LogitsFn, eot_value_and_grad
-from geomrobust.attacks.norms import check_norm, expand_to, project, random_init, step_direction
+from geomrobust.attacks.norms import UNIT_BOX, Box, check_norm, expand_to, project, random_init, step_direction
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -67,7 +67,7 @@ class _State(NamedTuple):
 def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 100,
          restarts: int = 1, loss: str = 'ce', rho: float = 0.75, alpha: float = 0.75,
          random_start: bool = True, targeted: bool = False, target_labels=None,
-         eot_samples: int = 1, return_losses: bool = False):
+         eot_samples: int = 1, return_losses: bool = False, box: Box = UNIT_BOX):
   """APGD with per-example step sizes. x: [B, ...], labels: [B] -> x_adv [B, ...].
 
   Starts with step size ``2 * eps`` (both norms). Iteration k:
@@ -84,7 +84,9 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
   Returns, per example and over restarts, the best evaluated point: successful
   beats unsuccessful, then higher loss. ``eps`` may be traced; ``steps``,
   ``restarts``, ``norm``, ``loss``, ``rho``, ``alpha``, ``eot_samples`` are
-  static. The rng is used as in :func:`pgd`. With ``return_losses`` it returns
+  static, and so is ``box``, the valid input range every projection ``P``
+  clips to after the ball (default [0, 1]; None: the ball only). The rng is
+  used as in :func:`pgd`. With ``return_losses`` it returns
   ``(x_adv, losses [restarts, steps + 1, B])``, the loss of every iterate.
   """
   check_norm(norm)
@@ -102,7 +104,7 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
 
   def run_one(key):
     k_init, k_model = jax.random.split(key)
-    x0 = project(x + random_init(k_init, x, eps, norm), x, eps, norm) if random_start else x
+    x0 = project(x + random_init(k_init, x, eps, norm), x, eps, norm, box=box) if random_start else x
     out0 = value_and_grad(x0, jax.random.fold_in(k_model, 0))
     state = _State(
         x_cur=x0, x_prev=x0, g_cur=out0.grad, loss_cur=out0.loss, eta=eta0,
@@ -114,8 +116,9 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
     def body(i, carry):
       s, losses = carry
       a = jnp.where(i == 0, 1.0, alpha).astype(x.dtype)
-      z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm)
-      x_next = project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm)
+      z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm, box=box)
+      x_next = project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm,
+                       box=box)
       out = value_and_grad(x_next, jax.random.fold_in(k_model, i + 1))
       best = common.update_best(s.best, x_next, out.loss, goal.is_success(out.probs))
 

@@ -5,17 +5,19 @@ import jax.numpy as jnp
 
 from geomrobust.attacks import common
 from geomrobust.attacks.eot import LogitsFn, eot_value
-from geomrobust.attacks.norms import check_norm, random_surface
+from geomrobust.attacks.norms import UNIT_BOX, Box, check_norm, clip_to_box, random_surface
 
 
 def random_noise(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf',
-                 samples: int = 1, loss: str = 'ce', eot_samples: int = 1) -> jax.Array:
+                 samples: int = 1, loss: str = 'ce', eot_samples: int = 1,
+                 box: Box = UNIT_BOX) -> jax.Array:
   """Worst of ``samples`` random perturbations on the eps-sphere. x: [B, ...] -> [B, ...].
 
   linf: uniform corners ``x + eps * (+-1)``; l2: a uniform direction of length
-  ``eps``; both clipped to [0, 1] (which keeps them inside the ball). Per
-  example the worst draw is kept (misclassified beats not, then higher
-  ``loss``). Draw ``s`` uses ``fold_in(rng, s)``, split into (noise, model) keys.
+  ``eps``; both clipped to ``box`` (static; default [0, 1]; None: not
+  clipped), which keeps them inside the ball. Per example the worst draw is
+  kept (misclassified beats not, then higher ``loss``). Draw ``s`` uses
+  ``fold_in(rng, s)``, split into (noise, model) keys.
   """
   check_norm(norm)
   if samples < 1:
@@ -26,7 +28,7 @@ def random_noise(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf'
 
   def body(s, best):
     k_noise, k_model = jax.random.split(jax.random.fold_in(rng, s))
-    x_s = jnp.clip(x + random_surface(k_noise, x, eps, norm), 0.0, 1.0)
+    x_s = clip_to_box(x + random_surface(k_noise, x, eps, norm), box)
     out = value(x_s, k_model)
     return common.update_best(best, x_s, out.loss, goal.is_success(out.probs))
 
@@ -34,8 +36,9 @@ def random_noise(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf'
   return jax.lax.stop_gradient(best.x)
 
 
-def gaussian_noise(x, rng, std) -> jax.Array:
-  """``clip(x + std * N(0, I), 0, 1)``, same shape as x [B, ...]; std may be traced."""
+def gaussian_noise(x, rng, std, *, box: Box = UNIT_BOX) -> jax.Array:
+  """``clip(x + std * N(0, I), lo, hi)`` for ``box=(lo, hi)`` (default [0, 1];
+  None: not clipped), same shape as x [B, ...]; std may be traced."""
   x = jnp.asarray(x)
   noise = jax.random.normal(rng, x.shape, x.dtype)
-  return jnp.clip(x + jnp.asarray(std, x.dtype) * noise, 0.0, 1.0)
+  return clip_to_box(x + jnp.asarray(std, x.dtype) * noise, box)

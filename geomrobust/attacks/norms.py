@@ -1,9 +1,15 @@
-"""Geometry of the threat models: eps-balls for ``'linf'`` and ``'l2'``.
+"""Geometry of the threat models: eps-balls for ``'linf'`` and ``'l2'``, and the input box.
 
 Every function takes a batch ``x`` of shape ``[B, ...]`` (NHWC images or flat
-vectors) on the pixel scale [0, 1]. ``eps`` may be a Python float, a traced
-scalar, or a per-example array ``[B]``; it is broadcast against ``x`` by
-:func:`expand_to`. Norms are taken over all non-batch axes.
+vectors). ``eps`` may be a Python float, a traced scalar, or a per-example
+array ``[B]``; it is broadcast against ``x`` by :func:`expand_to`. Norms are
+taken over all non-batch axes.
+
+The valid input box: every attack takes ``box=(lo, hi)`` (default
+``(0.0, 1.0)``, the pixel scale of images) and keeps its points inside
+``[lo, hi]`` coordinate-wise; ``box=None`` means the inputs have no valid box
+(e.g. synthetic float vectors) and only the eps-ball constrains the attack.
+``box`` is static (a hashable tuple of Python floats, or None), never traced.
 """
 
 import jax
@@ -11,13 +17,39 @@ import jax.numpy as jnp
 
 NORMS = ('linf', 'l2')
 
-# Guards divisions by a norm; far below any meaningful eps on a [0, 1] scale.
+# The valid input range, (lo, hi) per coordinate, or None for no box.
+Box = tuple[float, float] | None
+UNIT_BOX = (0.0, 1.0)
+
+# Guards divisions by a norm; far below any meaningful eps (on the [0, 1] scale and above).
 _TINY = 1e-12
 
 
 def check_norm(norm: str) -> None:
   if norm not in NORMS:
     raise ValueError(f'unknown norm {norm!r}; available: {", ".join(NORMS)}')
+
+
+def check_box(box) -> Box:
+  """``box`` as a hashable ``(float lo, float hi)`` with lo < hi, or None (no box)."""
+  if box is None:
+    return None
+  try:
+    lo, hi = box
+    lo, hi = float(lo), float(hi)
+  except (TypeError, ValueError):
+    raise ValueError(f'box must be (lo, hi) or None, got {box!r}') from None
+  if not lo < hi:
+    raise ValueError(f'box needs lo < hi, got {box!r}')
+  return (lo, hi)
+
+
+def clip_to_box(x: jax.Array, box: Box) -> jax.Array:
+  """``clip(x, lo, hi)`` for ``box=(lo, hi)``; ``x`` unchanged for ``box=None``."""
+  box = check_box(box)
+  if box is None:
+    return x
+  return jnp.clip(x, box[0], box[1])
 
 
 def expand_to(v, x: jax.Array) -> jax.Array:
@@ -48,14 +80,15 @@ def per_example_norm(v: jax.Array, norm: str) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(flat), axis=1))
 
 
-def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-  """Projects ``x_adv`` [B, ...] onto the ``eps``-ball around ``x`` and onto [0, 1].
+def project(x_adv: jax.Array, x: jax.Array, eps, norm: str, *, box: Box = UNIT_BOX) -> jax.Array:
+  """Projects ``x_adv`` [B, ...] onto the ``eps``-ball around ``x`` and onto ``box``.
 
-  Ball first, then box. Since ``x`` itself lies in [0, 1], clipping to the box
-  only shrinks each coordinate of ``x_adv - x``, so the result stays inside the
-  ball for both norms (for l2 this is not the exact Euclidean projection onto
-  the intersection, but it is the standard, cheap one). Up to float rounding
-  (~1e-7 on the [0, 1] scale) the output satisfies both constraints.
+  Ball first, then box (``box=None``: the ball only). Since ``x`` itself lies
+  in the box, clipping to the box only shrinks each coordinate of
+  ``x_adv - x``, so the result stays inside the ball for both norms (for l2
+  this is not the exact Euclidean projection onto the intersection, but it is
+  the standard, cheap one). Up to float rounding (~1e-7 on the [0, 1] scale)
+  the output satisfies both constraints.
   """
   check_norm(norm)
   eps = expand_to(eps, x)
@@ -66,7 +99,7 @@ def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
     # Shrink only those examples outside the ball; eps=0 gives exactly zero.
     scale = jnp.minimum(1.0, eps / jnp.maximum(_flat_l2(delta), _TINY))
     delta = delta * scale
-  return jnp.clip(x + delta, 0.0, 1.0)
+  return clip_to_box(x + delta, box)
 
 
 def step_direction(g: jax.Array, norm: str) -> jax.Array:

@@ -5,29 +5,32 @@ import jax.numpy as jnp
 
 from geomrobust.attacks import common
 from geomrobust.attacks.eot import LogitsFn, eot_value, eot_value_and_grad
-from geomrobust.attacks.norms import check_norm, expand_to, project, random_init, step_direction
+from geomrobust.attacks.norms import UNIT_BOX, Box, check_norm, expand_to, project, random_init, step_direction
 
 
 def fgsm(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', loss: str = 'ce',
-         eot_samples: int = 1, targeted: bool = False, target_labels=None) -> jax.Array:
+         eot_samples: int = 1, targeted: bool = False, target_labels=None,
+         box: Box = UNIT_BOX) -> jax.Array:
   """One ascent step of length ``eps`` from ``x`` (no random start).
 
   linf: ``x + eps * sign(g)``; l2: ``x + eps * g / ||g||``; then projected to
-  the ball and [0, 1]. ``g`` is the (EOT-averaged over ``eot_samples`` draws of
-  ``rng``) input gradient of ``loss``. x: [B, ...], labels: [B] -> x_adv [B, ...].
+  the ball and ``box`` (static; default [0, 1]; None: the ball only). ``g`` is
+  the (EOT-averaged over ``eot_samples`` draws of ``rng``) input gradient of
+  ``loss``. x: [B, ...], labels: [B] -> x_adv [B, ...].
   """
   check_norm(norm)
   x = common.as_input(x)
   goal = common.make_goal(loss, labels, targeted, target_labels)
   grad = eot_value_and_grad(logits_fn, goal.objective, eot_samples)(x, rng).grad
-  x_adv = project(x + expand_to(eps, x) * step_direction(grad, norm), x, eps, norm)
+  x_adv = project(x + expand_to(eps, x) * step_direction(grad, norm), x, eps, norm, box=box)
   return jax.lax.stop_gradient(x_adv)
 
 
 def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 40,
         step_size=None, restarts: int = 1, loss: str = 'ce', random_start: bool = True,
         targeted: bool = False, target_labels=None, eot_samples: int = 1,
-        return_losses: bool = False, x_init=None, return_last: bool = False):
+        return_losses: bool = False, x_init=None, return_last: bool = False,
+        box: Box = UNIT_BOX):
   """Projected gradient ascent on ``loss`` inside the ``eps``-ball. x: [B, ...] -> [B, ...].
 
   Each restart starts at a uniform point of the ball (or at ``x`` when
@@ -40,7 +43,9 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
   ``eps`` and ``step_size`` may be traced scalars (or per-example [B] arrays);
   ``step_size`` defaults to ``2.5 * eps / steps``. ``norm``, ``steps``,
   ``restarts``, ``loss``, ``random_start``, ``targeted``, ``eot_samples`` are
-  static. Randomness: restart ``r`` uses ``key_r = fold_in(rng, r)``, split
+  static, and so is ``box``: the valid input range ``(lo, hi)`` every point is
+  clipped to after the ball projection (default [0, 1]; None: no clipping, the
+  ball only). Randomness: restart ``r`` uses ``key_r = fold_in(rng, r)``, split
   into (start, model) keys; the evaluation of iterate ``i`` draws the model's
   noise from ``split(fold_in(model_key, i), eot_samples)``, so every step sees
   fresh draws and the verdict on an iterate uses the draws of its gradient.
@@ -51,7 +56,7 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
 
   Training-time options (adversarial training, e.g. ``methods/trades.py``):
   ``x_init`` [B, ...] is the start of every restart instead of the uniform
-  random point (projected onto the ball around ``x`` and [0, 1] first; e.g.
+  random point (projected onto the ball around ``x`` and the box first; e.g.
   TRADES' ``x + 0.001 * N(0, I)``). ``return_last=True`` returns the final
   iterate instead of the best one, as Madry et al.'s and TRADES' training
   code do (needs ``restarts=1``; no verdicts, so no extra forward pass).
@@ -69,8 +74,8 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
 
   def start(k_init):
     if x_init is not None:
-      return project(jnp.asarray(x_init, x.dtype), x, eps, norm)
-    return project(x + random_init(k_init, x, eps, norm), x, eps, norm) if random_start else x
+      return project(jnp.asarray(x_init, x.dtype), x, eps, norm, box=box)
+    return project(x + random_init(k_init, x, eps, norm), x, eps, norm, box=box) if random_start else x
 
   if return_last:
     if restarts != 1 or return_losses:
@@ -80,7 +85,7 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
 
     def ascend(i, x_cur):
       grad = value_and_grad(x_cur, jax.random.fold_in(k_model, i)).grad
-      return project(x_cur + step * step_direction(grad, norm), x, eps, norm)
+      return project(x_cur + step * step_direction(grad, norm), x, eps, norm, box=box)
 
     return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, ascend, start(k_init)))
 
@@ -92,7 +97,7 @@ def pgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: 
       x_cur, best, losses = carry
       out = value_and_grad(x_cur, jax.random.fold_in(k_model, i))
       best = common.update_best(best, x_cur, out.loss, goal.is_success(out.probs))
-      x_next = project(x_cur + step * step_direction(out.grad, norm), x, eps, norm)
+      x_next = project(x_cur + step * step_direction(out.grad, norm), x, eps, norm, box=box)
       return x_next, best, losses.at[i].set(out.loss)
 
     losses = jnp.zeros((steps + 1, x.shape[0]), jnp.float32)

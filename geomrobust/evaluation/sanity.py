@@ -13,7 +13,18 @@ Checks read the attack grid, and some run attacks of their own:
                            random noise of the same norm.
   large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
                            is reachable) drives accuracy to ~0; a model that
-                           survives it is masking gradients.
+                           survives it is masking gradients. The eps (see
+                           :func:`large_eps`) is ``eval.large_eps`` when set;
+                           else, with an input box (lo, hi) (the default
+                           [0, 1]), the box width ``hi - lo`` in linf and
+                           ``sqrt(d) * (hi - lo)`` in l2 (d = input size):
+                           the whole box is reachable; with no box
+                           (``evaluate(..., box=None)``, unbounded float
+                           inputs) ``10 * max |x|`` over the evaluated inputs
+                           in linf and ``sqrt(d)`` times that in l2 (1.0 in
+                           place of max |x| if all inputs are 0): ten times
+                           the data's scale, so the ball around any point
+                           holds every evaluated input and far beyond.
   doubled_budget           PGD with twice the steps and twice the restarts,
                            run on the examples that survived every attack at
                            the check eps, breaks (almost) none of them.
@@ -35,6 +46,9 @@ import math
 import numpy as np
 
 from geomrobust.evaluation import recipes as recipes_lib
+
+# With no input box, the large-eps check's eps is this many times max |x| (the data scale).
+NO_BOX_SCALE = 10.0
 
 
 def tolerance(n: int) -> float:
@@ -113,6 +127,22 @@ def _pgd(ev, recipe_list, eot: int) -> recipes_lib.Recipe:
                       options=dict(norm=ev.norm, eot_samples=eot))
 
 
+def large_eps(ev, box, x) -> float:
+  """The eps of the ``large_eps_to_zero`` check (see the module doc).
+
+  ``box``: the evaluation's ``(lo, hi)`` or None; ``x``: the evaluated inputs
+  ``[N, ...]`` (read only when there is no box and ``eval.large_eps`` is 0).
+  """
+  if float(ev.get('large_eps', 0.0)):
+    return float(ev.large_eps)
+  if box is not None:
+    scale = float(box[1]) - float(box[0])
+  else:
+    scale = NO_BOX_SCALE * (float(np.max(np.abs(np.asarray(x)))) or 1.0)
+  d = int(np.prod(np.shape(x)[1:]))
+  return scale if ev.norm == 'linf' else math.sqrt(d) * scale
+
+
 def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, check_eps: float | None, *,
                   log=print, tag: str = '') -> dict:
   """Checks that run attacks of their own (``runner`` is the suite's runner)."""
@@ -128,8 +158,8 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   checks['eps0_equals_clean'] = _check(changed == 0.0, changed, 'fraction of examples whose verdict PGD at eps=0 '
                                        'changes (must be exactly 0)')
 
-  # 4. A huge eps: any image in [0,1] is reachable.
-  large = float(ev.get('large_eps', 0.0)) or (1.0 if ev.norm == 'linf' else math.sqrt(runner.x[0].size))
+  # 4. A huge eps: any point of the input box (or, with none, far beyond the data) is reachable.
+  large = large_eps(ev, runner.box, runner.x)
   acc = float(runner.mask(pgd1, large).mean())
   checks['large_eps_to_zero'] = _check(acc <= tol0, acc, f'accuracy under PGD ({pgd1.steps} steps) at eps={large:g}; '
                                        f'must be ~0 (<= {tol0:.3g})')

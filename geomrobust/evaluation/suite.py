@@ -57,10 +57,10 @@ def _predict(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, mod
 
 
 def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, keys, eps, model_key,
-                  return_losses: bool = False):
-  """The recipe's attack on each example of ``x [B, ...]`` on its own (vmap)."""
+                  return_losses: bool = False, box=attacks.UNIT_BOX):
+  """The recipe's attack on each example of ``x [B, ...]`` on its own (vmap), inside ``box``."""
   attack = attacks.get_attack(recipe.attack)
-  kw = recipe.kwargs
+  kw = dict(recipe.kwargs, box=box)
   if recipe.step_size_factor is not None:
     kw['step_size'] = recipe.step_size_factor * eps / recipe.steps
   if return_losses:
@@ -80,7 +80,7 @@ def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, k
 
 
 def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size: int, mesh, eot: int = 1,
-               stochastic: bool = False, with_inputs: bool = False):
+               stochastic: bool = False, with_inputs: bool = False, box=attacks.UNIT_BOX):
   """Jitted ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
 
   Is example ``idx[i]`` still classified correctly after the attack
@@ -97,7 +97,7 @@ def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size:
       keys = _example_keys(rng, ib)
       if recipe is not None:
         xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
-                           eps, model_key)
+                           eps, model_key, box=box)
       pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
       correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
       return (correct, xb) if with_inputs else correct
@@ -107,13 +107,13 @@ def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size:
   return jax.jit(run)
 
 
-def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1):
+def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1, box=attacks.UNIT_BOX):
   """Jitted ``(params, x [K, ...], y, idx, rng, eps) -> losses [K, restarts, steps + 1]``:
   the attack loss at every iterate, for the convergence plot."""
 
   def run(params, x, y, idx, rng, eps):
     keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(rng, idx), 1)
-    return _attack_batch(apply_fn, recipe, params, x, y, keys, eps, None, return_losses=True)[1]
+    return _attack_batch(apply_fn, recipe, params, x, y, keys, eps, None, return_losses=True, box=box)[1]
 
   return jax.jit(run)
 
@@ -160,9 +160,9 @@ class Evaluator:
 class _Runner:
   """Runs (recipe, eps) cells on all examples or a subset; keeps the timing."""
 
-  def __init__(self, evaluator, apply_fn, params, x, y, ev, mesh, eot, stochastic):
+  def __init__(self, evaluator, apply_fn, params, x, y, ev, mesh, eot, stochastic, box=attacks.UNIT_BOX):
     self.evaluator = evaluator
-    self.apply_fn, self.params, self.ev, self.mesh = apply_fn, params, ev, mesh
+    self.apply_fn, self.params, self.ev, self.mesh, self.box = apply_fn, params, ev, mesh, box
     self.eot, self.stochastic = eot, stochastic
     self.n = int(y.shape[0])
     self.batch_size = int(ev.batch_size)
@@ -185,7 +185,7 @@ class _Runner:
     devices = self.mesh.devices.size
     bs = max(min(bs, int(idx.shape[0])) // devices * devices, devices)
     fn = self.evaluator.correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic,
-                                   with_inputs=with_inputs)
+                                   with_inputs=with_inputs, box=self.box)
     name = key_name or (recipe.name if recipe is not None else 'clean')
     out = fn(self.params, x, y, idx, attack_key(int(self.ev.seed), name, eps), jnp.float32(eps), model_key)
     if with_inputs:
@@ -195,7 +195,8 @@ class _Runner:
 
 def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.ConfigDict, mesh, *,
              stochastic: bool = False, log: Callable[[str], None] = print, tag: str = '',
-             keep_inputs: Iterable[tuple[str, float]] = (), evaluator: Evaluator | None = None) -> dict:
+             keep_inputs: Iterable[tuple[str, float]] = (), evaluator: Evaluator | None = None,
+             box: attacks.Box = attacks.UNIT_BOX) -> dict:
   """Runs the configured attacks over the eps grid, then the sanity checks.
 
   Args:
@@ -210,6 +211,10 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     stochastic: the model draws noise from ``rng``; attacks then average
       gradients over ``eval.eot_samples`` draws (EOT) and predictions vote
       over as many draws. A stochastic model is never evaluated without EOT.
+    box: the valid input range ``(lo, hi)`` every attack clips to (default
+      [0, 1] for images); None for inputs with no valid box (e.g. synthetic
+      float vectors): attacks are then limited by the eps-ball only, and the
+      huge-eps sanity check scales with the data (see ``sanity``).
 
   Returns:
     dict with ``clean_accuracy``, ``robustness`` rows (one per attack and eps,
@@ -229,7 +234,8 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
   rep = parallel.replicated(mesh)
   x, y = jax.device_put((jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
-  runner = _Runner(evaluator or Evaluator(), apply_fn, params, x, y, ev, mesh, eot, stochastic)
+  runner = _Runner(evaluator or Evaluator(), apply_fn, params, x, y, ev, mesh, eot, stochastic,
+                   attacks.check_box(box))
   keep = {(str(a), float(e)) for a, e in keep_inputs}
   adversarial = {}
   t_start = time.perf_counter()
@@ -280,7 +286,7 @@ def _convergence(runner: _Runner, recipe_list, eps: float | None, k: int) -> lis
   for recipe in recipe_list:
     if not recipe.iterative:
       continue
-    fn = runner.evaluator.losses_fn(runner.apply_fn, recipe, runner.mesh, runner.eot)
+    fn = runner.evaluator.losses_fn(runner.apply_fn, recipe, runner.mesh, runner.eot, runner.box)
     losses = fn(runner.params, runner.x[:k], runner.y[:k], runner.idx[:k],
                 attack_key(int(runner.ev.seed), recipe.name, eps), jnp.float32(eps))
     out.append(dict(attack=recipe.name, eps=eps, loss=recipes_lib.loss_name(recipe),
