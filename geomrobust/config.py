@@ -276,11 +276,18 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, ma
       node[leaf] = _literal(text)
     return
   like = node[leaf]
-  try:
-    if isinstance(like, ml_collections.ConfigDict):
+  if isinstance(like, ml_collections.ConfigDict):
+    try:
       value = _section_value(text)
-    else:
-      value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
+    except ValueError:
+      sub = ', '.join(f'{key}.{k}' for k in _flat_keys(like))
+      raise ConfigError(f'{key!r} is a group, not a value; set one of: {sub}, or replace the whole section with '
+                        f'a dict: {key}={{"name": ..., ...}}') from None
+    with node.ignore_type():
+      node[leaf] = value
+    return
+  try:
+    value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
   except ValueError as e:
     raise ConfigError(f'bad value {text!r} for --config.{key}: {e} (the field is a {_type_name(like)}, '
                       f'currently {like!r})') from None

@@ -188,7 +188,7 @@ def test_members_replace_sections_and_add_fields_only_when_they_rechoose_them():
   assert member.method.name == 'standard' and member.method.smoothing == 0.1
   with pytest.raises(config_lib.ConfigError, match=r"unknown config key 'method.nope' \(to add a field"):
     config_lib.member_configs(config_lib.apply_overrides(base, [('members', 'x: method.nope=1')]))
-  with pytest.raises(config_lib.ConfigError, match="bad value .*a section takes a dict"):
+  with pytest.raises(config_lib.ConfigError, match="'model' is a group, not a value.*replace the whole section"):
     config_lib.apply_overrides(base, [('model', '3')])
 
 
