@@ -38,6 +38,7 @@ Variants:
   --config.sweep.grid=0,0.3,0.6 --config.sweep.seeds=2   a smaller grid
   --config.model.hidden=1000,1000                          a deeper machine (each layer its own local loss)
   --config.sweep.chunk_size=8                              bound memory (chunked vmap)
+  --config.sweep.stacked=false                             train the members one by one (same numbers, slower)
 """
 
 import ml_collections
@@ -73,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 500
   c.eval.eps = (0.05, 0.1, 0.2)
   c.sweep = ml_collections.ConfigDict(dict(
-      hparam='d_f', grid=tuple(float(v) for v in _grid(0.05).split(',')), seeds=3, chunk_size=0,
+      hparam='d_f', grid=tuple(float(v) for v in _grid(0.05).split(',')), seeds=3, stacked=True, chunk_size=0,
       baseline="mlp: method={'name': 'standard'}; train.lr=0.001",
       mean_last_epochs=10, screen_profile='quick', screen_examples=500, pgd_eps=0.05,
       strong=('baseline', 'best:clean_accuracy', 'best:r_fgsm'), strong_seeds=1))

@@ -1,28 +1,43 @@
-"""``train_and_evaluate`` for one model, ``run_experiment`` for a family, and
-``load_run`` to get a trained run back as a pure JAX function.
+"""The experiment runner: ``run_experiment`` for every kind of experiment,
+``train_and_evaluate`` for one model, ``evaluate_workdir`` for ``--evaluate``.
 
-Every experiment goes through here: data -> model + method -> training loop ->
-the shared evaluation -> geometry -> results.json / report.md / plots.
+An experiment expands to groups of members (``members.expand``: a single
+model, a family, a sweep grid x seeds); an executor trains each group, one
+member at a time (``training.loop``) or stacked and vmapped
+(``training.sweep``); then every member goes through the same evaluation,
+probes and writing (``pipeline``). Sweeps add their tables and the strong
+evaluation of chosen members (``tables``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
+import time
 from typing import Callable
 
 import jax
 import ml_collections
+import numpy as np
 
 from geomrobust import config as config_lib
 from geomrobust import evaluation
+from geomrobust import members as members_lib
 from geomrobust import parallel
+from geomrobust import pipeline
 from geomrobust import probes as probes_lib
 from geomrobust import runio
-from geomrobust import sweep_experiment
+from geomrobust import tables
 from geomrobust.pipeline import (Data, Run, check_workdir_config, data_key, evaluate_model, load_run,  # noqa: F401
                                  member_names, prepare_data, validate, write_results, _build)
 from geomrobust.runio import report
+from geomrobust.runio import sweep_report
 from geomrobust.training import loop
+from geomrobust.training import sweep as sweep_lib
+
+STACKED_DIR = 'stacked'
+
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                        data_dir: str | None = None, *, mesh=None, log: Callable[[str], None] = print,
@@ -31,17 +46,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains one model (resuming from ``workdir``), evaluates it and writes
   ``results.json``, ``report.md`` and plots there. Returns the results dict."""
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, config)
-  runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
   mesh = mesh or parallel.make_mesh(int(config.parallel.num_devices))
   data = data or prepare_data(config, data_dir)
-  method = _build(config, data.num_classes)
-  log(f'{tag}{config.get("experiment", "")} method={config.method.name} dataset={config.dataset} '
-      f'({len(data.train_labels)} train examples from {data.source}) on {mesh.devices.size} '
-      f'{jax.devices()[0].platform} device(s), workdir {workdir}')
-  trained = loop.train(method, data.train_images, data.train_labels, data.test_images, data.test_labels,
-                       config, workdir, mesh, log=log, tag=tag, after_epoch=after_epoch)
+  method, trained = _train_alone(config, workdir, data, mesh, log=log, tag=tag, after_epoch=after_epoch)
   evaluator = evaluator or evaluation.Evaluator()
   probes = probes_lib.build_probes(config.get('probes')) if probes is None else probes
   results = evaluate_model(method, trained.params, data, config, mesh, evaluator=evaluator, probes=probes,
@@ -53,70 +60,287 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return results
 
 
-# --------------------------------------------------------------------------
-# Experiments with several members
-# --------------------------------------------------------------------------
+def _train_alone(config, workdir: pathlib.Path, data: Data, mesh, *, log, tag, after_epoch=None):
+  """The one-by-one executor for one member: ``(method, loop.TrainResult)``."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  check_workdir_config(workdir, config)
+  runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
+  method = _build(config, data.num_classes)
+  log(f'{tag}{config.get("experiment", "")} method={config.method.name} dataset={config.dataset} '
+      f'({len(data.train_labels)} train examples from {data.source}) on {mesh.devices.size} '
+      f'{jax.devices()[0].platform} device(s), workdir {workdir}')
+  trained = loop.train(method, data.train_images, data.train_labels, data.test_images, data.test_labels,
+                       config, workdir, mesh, log=log, tag=tag, after_epoch=after_epoch)
+  return method, trained
+
+
+class _Context:
+  """What the members of one experiment share: the mesh, one data load per
+  distinct data config, one evaluator, one set of probes per probes config."""
+
+  def __init__(self, config, data_dir):
+    self.data_dir = data_dir
+    self.mesh = parallel.make_mesh(int(config.parallel.num_devices))
+    self.evaluator = evaluation.Evaluator()
+    self._data, self._probes = {}, {}
+
+  def data(self, config) -> Data:
+    key = data_key(config)
+    if key not in self._data:
+      self._data[key] = prepare_data(config, self.data_dir)
+    return self._data[key]
+
+  def probes(self, config) -> list:
+    key = json.dumps(config.get('probes', {}).to_dict() if config.get('probes') else {}, sort_keys=True, default=str)
+    if key not in self._probes:
+      self._probes[key] = probes_lib.build_probes(config.get('probes'))
+    return self._probes[key]
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | None = None,
-                   *, log: Callable[[str], None] = print) -> dict:
-  """Runs every member of ``config`` (or the single model) into ``workdir``.
+                   *, log: Callable[[str], None] = print, reevaluate: bool = False) -> dict:
+  """Trains and evaluates every member of ``config`` into ``workdir``.
 
-  Members already finished (their ``results.json`` exists, same config) are
-  not retrained, so rerunning a killed experiment continues where it stopped.
+  Rerunning continues where a killed run stopped: finished members (their
+  ``results.json`` exists, same config) are not retrained, and training
+  resumes from checkpoints. ``reevaluate``: evaluate every member again
+  (sweeps; ``evaluate_workdir`` handles the rest).
   """
   workdir = pathlib.Path(workdir)
-  if config.get('sweep'):
-    # A vmapped hyperparameter sweep (one compiled program per grid): its own path.
-    return sweep_experiment.run_sweep(config, workdir, data_dir, log=log)
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
-  members = config_lib.member_configs(config)
-  for _, _, cfg in members:
-    validate(cfg)
-  if len(members) == 1 and members[0][0] == '':
-    done = workdir / 'results.json'
-    if done.exists():
-      check_workdir_config(workdir, members[0][2])
-      log(f'already done: {done} (use --evaluate={workdir} to re-evaluate)')
-      return runio.read_json(done)
-    return train_and_evaluate(members[0][2], workdir, data_dir, log=log)
+  groups = members_lib.expand(config)
+  members_lib.validate(config, groups)
+  sweep = bool(config.get('sweep'))
+  top_path = workdir / 'results.json'
+  if groups[0].role == 'single' or sweep:
+    if top_path.exists() and not reevaluate:
+      check_workdir_config(workdir, config if sweep else groups[0].members[0].config)
+      log(f'already done: {top_path} (use --evaluate={workdir} to re-evaluate)')
+      return runio.read_json(top_path)
+  if groups[0].role == 'single':
+    return train_and_evaluate(groups[0].members[0].config, workdir, data_dir, log=log)
   workdir.mkdir(parents=True, exist_ok=True)
+  if sweep:
+    check_workdir_config(workdir, config)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
-  mesh = parallel.make_mesh(int(config.parallel.num_devices))
-  loaded = {}  # one load per distinct dataset / data section / eval set
-  evaluator = evaluation.Evaluator()  # one set of compiled attacks for every member
+  ctx = _Context(config, data_dir)
+  t_start = time.perf_counter()
+  if sweep:
+    return _run_sweep(config, workdir, groups, ctx, log=log, reevaluate=reevaluate, t_start=t_start)
+
+  ms = groups[0].members
   runs, member_results = [], {}
-  for i, (name, overrides, cfg) in enumerate(members):
-    sub = workdir / name
-    tag = f'[{name} {i + 1}/{len(members)}] '
+  for i, m in enumerate(ms):
+    sub = workdir / m.name
+    tag = f'[{m.name} {i + 1}/{len(ms)}] '
     done = sub / 'results.json'
     if done.exists():
-      check_workdir_config(sub, cfg)
+      check_workdir_config(sub, m.config)
       log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
-      key = data_key(cfg)
-      if key not in loaded:
-        loaded[key] = prepare_data(cfg, data_dir)
-      res = train_and_evaluate(cfg, sub, data_dir, mesh=mesh, log=log, tag=tag, data=loaded[key],
-                               evaluator=evaluator)
-    member_results[name] = res
-    runs.append(dict(name=name, overrides=overrides, results=f'{name}/results.json'))
+      res = train_and_evaluate(m.config, sub, data_dir, mesh=ctx.mesh, log=log, tag=tag, data=ctx.data(m.config),
+                               evaluator=ctx.evaluator, probes=ctx.probes(m.config))
+    member_results[m.name] = res
+    runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
              seed=int(config.seed), runs=runs, table=report.summary_table(member_results),
              smoke=bool(config.get('smoke_run', False)))
-  runio.write_json(workdir / 'results.json', top)
+  runio.write_json(top_path, top)
   report.write_experiment_report(workdir, config, top, member_results)
-  log(f'wrote {workdir / "results.json"} and {workdir / "report.md"}')
+  log(f'wrote {top_path} and {workdir / "report.md"}')
   return top
+
+
+# --------------------------------------------------------------------------
+# Sweeps
+# --------------------------------------------------------------------------
+
+
+class _Trained:
+  """A trained sweep group: each member's params and test accuracies over the
+  last epochs, whichever executor trained it."""
+
+  def __init__(self, group, method, stacked=None, alone=None):
+    self.group, self.method, self.stacked, self.alone = group, method, stacked, alone or {}
+
+  def params(self, m):
+    if self.stacked is not None:
+      return jax.tree.map(lambda a: a[m.seed_index, m.value_index], self.stacked.params)
+    return self.alone[m.name][0]
+
+  def accuracies(self, m):
+    if self.stacked is not None:
+      return self.stacked.accuracy[m.seed_index, m.value_index]
+    return self.alone[m.name][1]
+
+
+def _train_group(g, config, workdir, ctx, *, log, timing) -> _Trained:
+  sw = config.sweep
+  data = ctx.data(g.config)
+  method = _build(g.config, data.num_classes)
+  if g.stacked:
+    trained = sweep_lib.train_sweep(
+        method, g.grid, data.train_images, data.train_labels, data.test_images, data.test_labels, g.config,
+        workdir / STACKED_DIR / g.name, ctx.mesh, chunk_size=int(sw.chunk_size),
+        mean_last=int(sw.mean_last_epochs), log=log, tag=f'[{g.name} {"x".join(map(str, g.grid.shape))}] ')
+    timing[f'{g.name}_train_seconds'] = trained.seconds
+    timing[f'{g.name}_first_epoch_seconds'] = trained.first_epoch_seconds
+    timing[f'{g.name}_compilations'] = trained.compilations
+    timing[f'{g.name}_members'] = len(g.members)
+    return _Trained(g, method, stacked=trained)
+  alone, seconds = {}, 0.0
+  for i, m in enumerate(g.members):
+    _, result = _train_alone(m.config, workdir / m.name, data, ctx.mesh, log=log,
+                             tag=f'[{m.name} {i + 1}/{len(g.members)}] ')
+    alone[m.name] = (result.params, _last_accuracies(workdir / m.name, int(sw.mean_last_epochs)))
+    seconds += result.seconds
+  timing[f'{g.name}_train_seconds'] = seconds
+  timing[f'{g.name}_members'] = len(g.members)
+  return _Trained(g, method, alone=alone)
+
+
+def _last_accuracies(run_dir: pathlib.Path, k: int) -> list[float]:
+  """Test accuracy logged after each of the last ``k`` epochs of the final phase."""
+  rows = [r for r in runio.read_metrics(run_dir / 'metrics.jsonl') if 'test_accuracy' in r]
+  if not rows:
+    return []
+  last_phase = rows[-1]['phase']
+  return [r['test_accuracy'] for r in rows if r['phase'] == last_phase][-k:] if k else []
+
+
+def _member_metrics(group_dir: pathlib.Path, member) -> list[dict]:
+  """A stacked member's own rows of its group's metrics.jsonl."""
+  out = []
+  for rec in runio.read_metrics(group_dir / 'metrics.jsonl'):
+    row = {'epoch': rec['epoch'], 'phase': rec['phase'],
+           'loss': rec['loss_members'][member.seed_index][member.value_index]}
+    if 'test_accuracy_members' in rec:
+      row['test_accuracy'] = rec['test_accuracy_members'][member.seed_index][member.value_index]
+    out.append(row)
+  return out
+
+
+def _evaluate_sweep_member(m, trained: _Trained, config, workdir, ctx, *, log, tag) -> dict:
+  """The screening evaluation and the probes of one member, plus its mean test
+  accuracy over the last epochs (the sweep's clean accuracy); written to its folder."""
+  sw = config.sweep
+  data = ctx.data(m.config)
+  probes = ctx.probes(m.config)
+  params = trained.params(m)
+  n_screen = min(int(sw.screen_examples), len(data.eval_labels))
+  screen = dataclasses.replace(data, eval_images=data.eval_images[:n_screen], eval_labels=data.eval_labels[:n_screen])
+  res = evaluate_model(trained.method, params, screen, m.config, ctx.mesh, evaluator=ctx.evaluator, probes=[],
+                       eval_config=members_lib.screen_eval_config(config), log=log, tag=tag)
+  # Probes see the whole evaluation set, as in a single run.
+  probed = pipeline.evaluate_probes(trained.method, params, data, m.config, probes, config.eval)
+  acc = np.asarray(trained.accuracies(m), np.float64)
+  res.update(geometry=probed['geometry'], probes=probed['probes'], summary=probed['summary'])
+  res['timing']['probe_seconds'] = probed['seconds']
+  res['training'] = dict(clean_accuracy_last_epochs=float(acc.mean()) if acc.size else float('nan'),
+                         test_accuracies=acc.tolist(), test_examples=int(len(data.test_labels)))
+  log(f'{tag}clean (mean of last {acc.size} epochs, {len(data.test_labels)} test images) '
+      f'{res["training"]["clean_accuracy_last_epochs"]:.4f}' +
+      ''.join(f'; {k} {v:.3f}' for k, v in probed['summary'].items()))
+  res.update(eval_profile=str(sw.screen_profile),
+             sweep=dict(group=m.group.name, role=m.group.role, hparam=m.group.grid.hparam, value=m.value,
+                        seed=m.seed))
+  sub = workdir / m.name
+  sub.mkdir(parents=True, exist_ok=True)
+  if trained.stacked is not None:
+    # The manifest: load_run finds this member's params as a slice of the group's checkpoint.
+    runio.atomic_write_text(sub / 'config.json', config_lib.to_json(m.config) + '\n')
+    runio.write_json(sub / pipeline.MEMBER_FILE, dict(group_dir=f'{STACKED_DIR}/{m.group.name}',
+                                                      seed_index=m.seed_index, value_index=m.value_index))
+    metrics = _member_metrics(workdir / STACKED_DIR / m.group.name, m)
+    runio.atomic_write_text(sub / 'metrics.jsonl', ''.join(json.dumps(r) + '\n' for r in metrics))
+  write_results(sub, m.config, res, probes)
+  return runio.read_json(sub / 'results.json')
+
+
+def _strong_evaluate(m, trained: _Trained, results: dict, config, workdir, ctx, *, log, tag) -> dict:
+  """Re-evaluates a member with ``config.eval`` (strong profile, sanity checks);
+  the screening numbers move to ``results['screen']``."""
+  ev = evaluate_model(trained.method, trained.params(m), ctx.data(m.config), m.config, ctx.mesh,
+                      evaluator=ctx.evaluator, probes=[], eval_config=config.eval, log=log, tag=tag)
+  screen = {k: results[k] for k in ('clean_accuracy', 'robustness', 'eval_examples', 'eval_profile', 'sanity')}
+  results = dict(results, clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
+                 eval_examples=ev['eval_examples'], eval_profile=str(config.eval.get('profile', '') or 'custom'),
+                 sanity=ev['sanity'], convergence=ev.get('convergence', []), masks=ev['masks'], screen=screen)
+  results['timing'] = dict(results['timing'], strong_eval_seconds=ev['timing']['eval_seconds'])
+  write_results(workdir / m.name, m.config, results, ctx.probes(m.config))
+  return runio.read_json(workdir / m.name / 'results.json')
+
+
+def _run_sweep(config, workdir: pathlib.Path, groups, ctx: _Context, *, log, reevaluate: bool, t_start) -> dict:
+  """Trains every group, evaluates every member, writes the tables and the report."""
+  sw = config.sweep
+  hparam = str(sw.hparam)
+  data = ctx.data(config)
+  log(f'sweep {config.get("experiment", "")}: method={config.method.name}, {hparam} x seeds = '
+      f'{len(sw.grid)} x {int(sw.seeds)}' + (f', baseline {groups[1].name}' if len(groups) > 1 else '') +
+      f' ({"stacked" if groups[0].stacked else "one by one"}); {len(data.train_labels)} train / '
+      f'{len(data.test_labels)} test examples from {data.source}; {ctx.mesh.devices.size} '
+      f'{jax.devices()[0].platform} device(s); workdir {workdir}')
+  timing, trained_of, member_results, rows = {}, {}, {}, {}
+  for g in groups:
+    trained = _train_group(g, config, workdir, ctx, log=log, timing=timing)
+    t0 = time.perf_counter()
+    for i, m in enumerate(g.members):
+      trained_of[m.name] = trained
+      done = workdir / m.name / 'results.json'
+      if done.exists() and not reevaluate:
+        res = runio.read_json(done)
+      else:
+        res = _evaluate_sweep_member(m, trained, config, workdir, ctx, log=log,
+                                     tag=f'[{m.name} {i + 1}/{len(g.members)}] ')
+      member_results[m.name] = res
+      rows[m.name] = tables.sweep_row(m, res, config)
+    timing[f'{g.name}_eval_seconds'] = time.perf_counter() - t0
+
+  all_members = [m for g in groups for m in g.members]
+  sweep_rows = [rows[m.name] for m in all_members if m.group.role == 'sweep']
+  base_rows = [rows[m.name] for m in all_members if m.group.role == 'baseline']
+  summary = tables.summarize(sweep_rows, hparam)
+
+  # The strong evaluation: the baseline and the best values, the number that counts.
+  t0 = time.perf_counter()
+  comparison = []
+  for role, m in tables.strong_members(config, summary, all_members):
+    res = member_results[m.name]
+    if 'screen' not in res or reevaluate:
+      res = _strong_evaluate(m, trained_of[m.name], res, config, workdir, ctx, log=log,
+                             tag=f'[strong {role}: {m.name}] ')
+      member_results[m.name] = res
+    comparison.append(tables.strong_row(role, m, res, rows[m.name], hparam))
+  timing['strong_eval_seconds'] = time.perf_counter() - t0
+  timing['total_seconds'] = time.perf_counter() - t_start
+
+  runs = [dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json') for m in all_members]
+  top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
+             seed=int(config.seed), setting=str(config.get('setting', '') or ''), hparam=hparam, runs=runs,
+             columns=tables.row_keys(sweep_rows + base_rows, hparam), sweep=sweep_rows, sweep_summary=summary,
+             baseline=tables.baseline_entry(base_rows, hparam) if base_rows else None, baseline_runs=base_rows,
+             pgd_comparison=comparison, timing=timing, smoke=bool(config.get('smoke_run', False)))
+  runio.write_json(workdir / 'results.json', top)
+  sweep_report.write_sweep_report(workdir, config, top, member_results)
+  log(f'wrote {workdir / "results.json"} and {workdir / "report.md"} ({timing["total_seconds"]:.0f} s)')
+  return top
+
+
+# --------------------------------------------------------------------------
+# --evaluate
+# --------------------------------------------------------------------------
 
 
 def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str, str]], data_dir: str | None,
                      *, log=print) -> dict:
   """Re-evaluates a trained run (every member) with the current eval config."""
   workdir = pathlib.Path(workdir)
-  if sweep_experiment.is_sweep(workdir):
-    return sweep_experiment.evaluate_sweep(workdir, eval_overrides, data_dir, log=log)
+  cfg_path = workdir / 'config.json'
+  if cfg_path.exists() and runio.read_json(cfg_path).get('sweep'):
+    config = config_lib.apply_overrides(config_lib.with_defaults(runio.read_json(cfg_path)), eval_overrides)
+    return run_experiment(config, workdir, data_dir, log=log, reevaluate=True)
   names = [n for n in member_names(workdir) if (workdir / n / 'checkpoints').exists()] \
       if not (workdir / 'checkpoints').exists() else ['']
   if not names:

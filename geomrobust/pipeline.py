@@ -2,8 +2,8 @@
 for a config, workdir checks, the shared evaluation plus the configured
 probes, writing results.json / report.md, and loading a run back.
 
-``experiment`` (single models and families) and ``sweep_experiment``
-(stacked, vmapped grids) both build on this module; it imports neither.
+The runner (``experiment``) builds on this module for every member, whether
+trained alone or stacked in a vmapped group; this module imports no runner.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""report.md and plots of a sweep experiment (``geomrobust.sweep_experiment``).
+"""report.md and plots of a sweep experiment (``geomrobust.experiment``, ``geomrobust.tables``).
 
 Generic over methods and probes: every numeric column of the sweep table
 (clean accuracy, the screening PGD accuracy, each probe's flat numbers) gets

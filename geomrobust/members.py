@@ -1,0 +1,168 @@
+"""What an experiment trains: its members, in groups an executor trains together.
+
+An experiment config expands to groups of members:
+
+  single model     one group, one member named '' (the workdir itself);
+  family           ``config.members`` ('name: key=value; ...'): one group whose
+                   members are trained one by one, each with its own config
+                   (any section may differ, the dataset too);
+  sweep            a ``sweep`` section: a grid of ``method.<sweep.hparam>`` x
+                   seeds (and a baseline over the same seeds), each a group
+                   trained either *stacked* (one vmapped program per group,
+                   ``sweep.stacked=true``, the default) or one by one
+                   (``sweep.stacked=false``: each member an ordinary run
+                   folder; slower, but any config works).
+
+Sweep fields (``config.sweep``):
+  hparam            the swept traced hyperparameter (``method.<hparam>``).
+  grid              its values.  seeds: seeds ``config.seed, config.seed+1, ...`` (a count).
+  stacked           train each group as one vmapped program (else one by one).
+  chunk_size        values per vmapped chunk (0 = the whole grid at once).
+  baseline          a member spec ``'name: key=value; ...'`` trained over the same seeds ('' = none).
+  mean_last_epochs  clean accuracy = mean test accuracy (``data.test_*`` split)
+                    after each of the last K epochs of the final phase.
+  screen_profile, screen_examples, pgd_eps
+                    the shared evaluation run on *every* member (a cheap
+                    profile, the first N eval examples, one eps).
+  strong            members also evaluated with ``config.eval`` (strong profile,
+                    sanity checks), by role: ``baseline`` or ``best:<column>``
+                    (the value with the best mean of a table column).
+  strong_seeds      how many seeds of each strong role (first ones).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import ml_collections
+
+from geomrobust import config as config_lib
+from geomrobust import data as data_lib
+from geomrobust import evaluation
+from geomrobust import pipeline
+from geomrobust.training import sweep as sweep_lib
+
+
+@dataclasses.dataclass
+class Group:
+  """Members an executor trains together."""
+  name: str                     # the stacked group's folder under stacked/ ('' for unstacked groups)
+  role: str                     # 'single', 'member', 'sweep' or 'baseline'
+  config: ml_collections.ConfigDict
+  stacked: bool
+  grid: sweep_lib.Grid | None = None
+  overrides: dict = dataclasses.field(default_factory=dict)   # shared by every member (baseline spec)
+  members: list['Member'] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Member:
+  name: str                     # folder under the workdir ('' = the workdir itself)
+  group: Group
+  config: ml_collections.ConfigDict   # trains this member alone
+  overrides: dict
+  seed_index: int = 0
+  value_index: int = 0
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.seed)
+
+  @property
+  def value(self):
+    return self.group.grid.values[self.value_index] if self.group.grid else None
+
+
+def _strip(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config without the experiment-level sections: what trains one member alone."""
+  cfg = copy.deepcopy(config)
+  with cfg.unlocked():
+    for key in ('sweep', 'settings', 'smoke'):
+      if key in cfg:
+        del cfg[key]
+  return cfg
+
+
+def _fmt(value) -> str:
+  return f'{float(value):g}'
+
+
+def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
+  sw = config.sweep
+  hparam = str(sw.hparam)
+  values = tuple(float(v) for v in sw.grid)
+  if not values:
+    raise config_lib.ConfigError('sweep.grid is empty: list the grid, e.g. --config.sweep.grid=0,0.5,1')
+  if len(set(values)) != len(values):
+    raise config_lib.ConfigError(f'sweep.grid has duplicates: {values}')
+  if int(sw.seeds) < 1:
+    raise config_lib.ConfigError(f'sweep.seeds must be >= 1 (got {sw.seeds})')
+  if hparam not in config.method:
+    raise config_lib.ConfigError(f'sweep.hparam={hparam!r} is not a field of config.method '
+                                 f'({", ".join(k for k in config.method if k != "name")})')
+  seeds = tuple(int(config.seed) + i for i in range(int(sw.seeds)))
+  stacked = bool(sw.get('stacked', True))
+  base = _strip(config)
+  groups = [Group(hparam, 'sweep', base, stacked, sweep_lib.Grid(hparam, values, seeds))]
+  if str(sw.get('baseline', '') or ''):
+    name, overrides = config_lib.parse_member(str(sw.baseline))
+    groups.append(Group(name, 'baseline', config_lib.apply_overrides(base, overrides), stacked,
+                        sweep_lib.Grid('', (None,), seeds), dict(overrides)))
+  for g in groups:
+    for si, seed in enumerate(g.grid.seeds):
+      for vi, value in enumerate(g.grid.values):
+        overrides = dict(g.overrides)
+        if g.grid.hparam:
+          overrides[f'method.{g.grid.hparam}'] = _fmt(value)
+          name = f'{g.grid.hparam}_{_fmt(value)}_seed{seed}'
+        else:
+          name = f'{g.name}_seed{seed}'
+        overrides['seed'] = str(seed)
+        cfg = config_lib.apply_overrides(g.config, [(k, v) for k, v in overrides.items() if k not in g.overrides])
+        g.members.append(Member(name, g, cfg, overrides, si, vi))
+  return groups
+
+
+def expand(config: ml_collections.ConfigDict) -> list[Group]:
+  """The groups (and their members) of an experiment config."""
+  if config.get('sweep'):
+    return _sweep_groups(config)
+  family = config_lib.member_configs(config)
+  if len(family) == 1 and family[0][0] == '':
+    group = Group('', 'single', family[0][2], stacked=False)
+  else:
+    group = Group('', 'member', _strip(config), stacked=False)
+  group.members = [Member(name, group, cfg, overrides) for name, overrides, cfg in family]
+  return [group]
+
+
+def validate(config: ml_collections.ConfigDict, groups: list[Group]) -> None:
+  """Fails fast (before data or training) on unknown names and bad combinations."""
+  for g in groups:
+    for m in (g.members if g.role == 'member' else g.members[:1]):
+      pipeline.validate(m.config)
+  if not config.get('sweep'):
+    return
+  sw = config.sweep
+  num_classes = data_lib.get_spec(config.dataset).num_classes
+  method = pipeline._build(groups[0].config, num_classes)
+  if str(sw.hparam) not in method.hparams():
+    raise config_lib.ConfigError(f'sweep.hparam={sw.hparam!r} is not a traced hyperparameter of method '
+                                 f'{config.method.name!r} (it has: {", ".join(method.hparams()) or "none"})')
+  for role in sw.strong:
+    if role != 'baseline' and not (role.startswith('best:') and role[5:]):
+      raise config_lib.ConfigError(f'unknown sweep.strong role {role!r}; use baseline or best:<table column>, '
+                                   'e.g. best:clean_accuracy')
+  evaluation.recipes.resolve(screen_eval_config(config))
+
+
+def screen_eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.eval`` with the sweep's screening profile, one eps, no extra sanity attacks."""
+  ev = copy.deepcopy(config.eval)
+  evaluation.profiles.apply_profile(ev, str(config.sweep.screen_profile))
+  with ev.unlocked(), ev.ignore_type():
+    ev.eps = (float(config.sweep.pgd_eps),)
+    ev.sanity = False
+    ev.trajectories = 0
+  return ev
