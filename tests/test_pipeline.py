@@ -220,3 +220,31 @@ def test_stored_cnn_config_is_not_filled_with_mlp_defaults():
   filled = config_lib.fill_defaults(stored)
   assert filled['train']['augment'] == ''  # a closed section gets the new default field
   assert 'hidden' not in filled['model']   # an MLP field never enters a CNN section
+
+
+# -- one runner: a sweep trained stacked or one by one --------------------------------
+
+
+def test_a_sweep_trained_one_by_one_equals_the_stacked_sweep(tmp_path, tiny_mnist_dir):
+  cfg = config_lib.load_experiment('local_contrastive_mnist')
+  cfg = config_lib.apply_overrides(config_lib.smoke(cfg), [
+      ('data.verify', 'false'), ('data.train_per_class', '0'), ('data.test_per_class', '0'),
+      ('model.hidden', '16'), ('train.epochs', '1'), ('method.readout_epochs', '2'), ('sweep.seeds', '1'),
+      ('sweep.baseline', ''), ('sweep.strong', 'best:r_fgsm'), ('sweep.mean_last_epochs', '2'),
+      ('eval.eps', '0.1'), ('eval.attacks', 'fgsm,pgd'), ('eval.sanity', 'false')])
+  stacked = experiment.run_experiment(cfg, tmp_path / 'stacked', tiny_mnist_dir, log=lambda s: None)
+  alone_cfg = config_lib.apply_overrides(cfg, [('sweep.stacked', 'false')])
+  alone = experiment.run_experiment(alone_cfg, tmp_path / 'alone', tiny_mnist_dir, log=lambda s: None)
+  assert [r['name'] for r in stacked['sweep']] == ['d_f_0_seed0', 'd_f_0.5_seed0']
+  for a, b in zip(stacked['sweep'], alone['sweep']):
+    for key in ('clean_accuracy', 'pgd_accuracy', 'r_fgsm', 'boson_distance', 'fermion_distance'):
+      assert a[key] == pytest.approx(b[key], abs=1e-6), key
+  assert stacked['pgd_comparison'][0]['role'] == 'best:r_fgsm'
+  assert stacked['columns'][:3] == ['clean_accuracy', 'pgd_accuracy', 'eval_clean_accuracy']
+  # load_run: a slice of the stacked checkpoint (manifest) and a stand-alone run give the same classifier.
+  ra = experiment.load_run(tmp_path / 'stacked', 'd_f_0.5_seed0')
+  rb = experiment.load_run(tmp_path / 'alone', 'd_f_0.5_seed0')
+  assert (tmp_path / 'stacked' / 'd_f_0.5_seed0' / pipeline.MEMBER_FILE).exists()
+  assert not (tmp_path / 'alone' / 'd_f_0.5_seed0' / pipeline.MEMBER_FILE).exists()
+  x = jnp.full((2, 28, 28, 1), 0.3)
+  np.testing.assert_allclose(ra.logits(x), rb.logits(x), rtol=1e-4, atol=1e-4)  # vmapped vs plain matmuls
