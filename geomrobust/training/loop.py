@@ -381,7 +381,7 @@ class _Single:
 
   def round_args(self, seg, r):
     if seg.by_steps:
-      key = jax.random.fold_in(self.train_rng, seg.start)
+      key = phases_lib.step_phase_key(self.train_rng, seg)
       return self.arrays + tuple(jax.device_put((key, np.int32(seg.offset(r))), self.rep))
     return self.arrays + (jax.device_put(jax.random.fold_in(self.train_rng, r), self.rep),)
 

@@ -12,12 +12,13 @@ run of epoch phases only, round == epoch, so checkpoint numbers and the
 ``epoch`` field of ``metrics.jsonl`` rows are what they always were; with step
 phases, ``epoch`` in a row is the round index (rows also carry ``step``).
 
-Randomness. Round ``r`` of an epoch phase uses ``fold_in(train_rng, r)``; a
-step phase starting at round ``r0`` uses ``K = fold_in(train_rng, r0)`` for its
-whole step stream (data ``fold_in(K, 0)``, step keys ``fold_in(K, 1)``,
-augmentation ``fold_in(K, 2)``, each folded with the step index in the phase),
-so the numbers do not depend on the chunk length and a resumed run reproduces
-an uninterrupted one bit for bit.
+Randomness. Round ``r`` of an epoch phase uses ``fold_in(train_rng, r)``; the
+step phase at index ``i`` of ``method.phases()`` uses
+``K = fold_in(fold_in(train_rng, STEP_STREAM), i)`` for its whole step stream
+(data ``fold_in(K, 0)``, step keys ``fold_in(K, 1)``, augmentation
+``fold_in(K, 2)``, each folded with the step index in the phase), so the data
+and keys do not depend on the chunk length, and a resumed run reproduces an
+uninterrupted one bit for bit.
 
 Checkpoints (orbax). Written every ``train.checkpoint_every`` rounds and at
 every phase end; the newest ``keep_last`` survive, and so does every phase
@@ -53,8 +54,10 @@ from geomrobust import runio
 from geomrobust.methods import base
 
 LAYOUT_FILE = 'phases.json'
-# fold_in constant of the per-round test-accuracy key stream (see accuracy_key).
+# fold_in constants of the per-round test-accuracy keys (see accuracy_key) and
+# of the step-phase keys (see step_phase_key); far above any round number.
 ACCURACY_STREAM = 0x61636375
+STEP_STREAM = 0x73746570
 
 
 class TrainingError(RuntimeError):
@@ -140,6 +143,11 @@ def accuracy_key(seed_key: jax.Array, r: int) -> jax.Array:
   """The key of the per-round test accuracy after round ``r`` (0-based) of a
   run seeded with ``seed_key = jax.random.key(seed)``."""
   return jax.random.fold_in(jax.random.fold_in(seed_key, ACCURACY_STREAM), r + 1)
+
+
+def step_phase_key(train_rng: jax.Array, seg: Segment) -> jax.Array:
+  """The key of a step-counted phase's whole stream (see the module docstring)."""
+  return jax.random.fold_in(jax.random.fold_in(train_rng, STEP_STREAM), seg.index)
 
 
 def fmt_time(s: float) -> str:

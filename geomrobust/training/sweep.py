@@ -308,7 +308,7 @@ class _Stacked:
 
   def round_args(self, seg, r):
     if seg.by_steps:
-      keys = jax.vmap(lambda k: jax.random.fold_in(k, seg.start))(self.train_rngs)
+      keys = jax.vmap(lambda k: phases_lib.step_phase_key(k, seg))(self.train_rngs)
       return self.arrays + tuple(jax.device_put((keys, np.int32(seg.offset(r))), self.rep))
     rngs = jax.vmap(lambda k: jax.random.fold_in(k, r))(self.train_rngs)
     return self.arrays + (jax.device_put(rngs, self.rep),)
