@@ -56,12 +56,33 @@ def data():
   return testing.class_blobs(N, 0)
 
 
-def make_method(cfg, steps=None):
-  """The method; ``steps`` = (local, readout) turns both phases step-counted."""
+def with_rng_term(loss_fn):
+  """``loss_fn`` plus a small term drawn from the step key (local contrastive's
+  losses ignore their key), so a test sees which key each step got."""
+
+  def loss(params, batch, rng, hp):
+    value, aux = loss_fn(params, batch, rng, hp)
+    mean = sum(jnp.mean(a) for a in jax.tree.leaves(params['model']))
+    return value + 1e-2 * jax.random.normal(rng) * mean, aux
+
+  return loss
+
+
+def make_method(cfg, steps=None, rng_term=False):
+  """The method; ``steps`` = (local, readout) turns both phases step-counted;
+  ``rng_term`` makes the losses depend on the step keys."""
   method = build_method(cfg, models.build_model(cfg.model, 10), 10)
-  if steps is not None:
-    orig = method.phases
-    method.phases = lambda: [dataclasses.replace(p, epochs=0, steps=s) for p, s in zip(orig(), steps)]
+  orig = method.phases
+
+  def phases():
+    out = orig()
+    if rng_term:
+      out = [dataclasses.replace(p, loss_fn=with_rng_term(p.loss_fn)) for p in out]
+    if steps is not None:
+      out = [dataclasses.replace(p, epochs=0, steps=s) for p, s in zip(out, steps)]
+    return out
+
+  method.phases = phases
   return method
 
 
@@ -195,7 +216,8 @@ def test_step_counted_phases_run_in_chunks_and_resume_exactly(kind, tmp_path):
   # local: 10 steps in chunks of 4 (4, 4, 2), readout: 6 steps (4, 2) -> rounds 1-3 and 4-5.
   cfg = cfg_for(steps_per_log=4)
   steps = (10, 6)
-  full_params, full = train(kind, cfg, tmp_path / 'full', method=make_method(cfg, steps))
+  method = lambda: make_method(cfg, steps, rng_term=True)
+  full_params, full = train(kind, cfg, tmp_path / 'full', method=method())
   assert full.compilations == {'local': 2, 'readout': 2}  # a full chunk and the shorter last one
   assert full.phase_ends == {'local': 3, 'readout': 5}
   rs = rows(tmp_path / 'full')
@@ -205,8 +227,8 @@ def test_step_counted_phases_run_in_chunks_and_resume_exactly(kind, tmp_path):
     assert [r['step'] for r in rs] == [4, 8, 10, 14, 16]
   for n in (2, 4):  # inside 'local', then inside 'readout'
     with pytest.raises(Killed):
-      train(kind, cfg, tmp_path / 'part', method=make_method(cfg, steps), after_epoch=kill_at(n))
-  part_params, part = train(kind, cfg, tmp_path / 'part', method=make_method(cfg, steps))
+      train(kind, cfg, tmp_path / 'part', method=method(), after_epoch=kill_at(n))
+  part_params, part = train(kind, cfg, tmp_path / 'part', method=method())
   assert part.resumed_from == 4
   assert_bit_identical(part_params, full_params)
   assert numbers(rows(tmp_path / 'part')) == numbers(rs)
@@ -216,10 +238,12 @@ def test_step_counted_phases_run_in_chunks_and_resume_exactly(kind, tmp_path):
 
 def test_the_step_stream_does_not_depend_on_the_chunk_length(tmp_path):
   cfg4, cfg10 = cfg_for(steps_per_log=4), cfg_for(steps_per_log=10)
-  a, _ = train('loop', cfg4, tmp_path / 'a', method=make_method(cfg4, (10, 6)))
-  b, res = train('loop', cfg10, tmp_path / 'b', method=make_method(cfg10, (10, 6)))
+  a, _ = train('loop', cfg4, tmp_path / 'a', method=make_method(cfg4, (10, 6), rng_term=True))
+  b, res = train('loop', cfg10, tmp_path / 'b', method=make_method(cfg10, (10, 6), rng_term=True))
   assert res.phase_ends == {'local': 1, 'readout': 2}
-  assert_bit_identical(a, b)
+  assert_bit_identical(a, b)  # same data, same step keys; on CPU even the same bits
+  c, _ = train('loop', cfg4, tmp_path / 'c', method=make_method(cfg4, (10, 6)))
+  assert not np.array_equal(c['model']['out']['kernel'], a['model']['out']['kernel'])  # the keys matter
 
 
 def test_a_phase_with_both_epochs_and_steps_is_refused():

@@ -31,6 +31,9 @@ def test_stored_uint8_batches_are_the_loops_exact_conversion():
   assert bx.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(bx), np.asarray(jnp.asarray(x)[idx].astype(jnp.float32) / 255.0))
   np.testing.assert_array_equal(np.asarray(by), y[[3, 1, 60]])
+  every = jnp.arange(256, dtype=jnp.uint8)
+  np.testing.assert_array_equal(np.asarray(jax.jit(source_lib.to_model_input)(every)),
+                                np.asarray(jax.jit(lambda v: v.astype(jnp.float32) / 255.0)(every)))
 
 
 def test_stored_float_inputs_of_any_shape_are_used_as_they_are():
@@ -169,6 +172,10 @@ def test_a_generator_chunk_is_traced_once_and_never_leaves_the_device():
   state = jax.device_put(loop.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                          hparams=method.hparams()), rep)
   key = jax.device_put(jax.random.key(1), rep)
+  # Nothing in the program talks to the host (no callback, infeed/outfeed, send/recv).
+  hlo = fn.lower(state, key, jax.device_put(np.int32(0), rep)).as_text()
+  for word in ('callback', 'infeed', 'outfeed', 'stablehlo.send', 'stablehlo.recv'):
+    assert word not in hlo, word
   for start in (0, 5, 10):
     s = jax.device_put(np.int32(start), rep)
     with jax.transfer_guard('disallow'):  # no host<->device transfer inside the compiled chunk
