@@ -212,3 +212,28 @@ def test_float_vectors_train_and_are_not_rescaled(tmp_path):
   chex.assert_trees_all_close(res.params, ref.params, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match='larger than the 256 training examples'):
     loop.train(method, xf, y, xf, y, mlp_config(batch_size=512), tmp_path / 'g', mesh, log=lambda s: None)
+
+
+SHARDED_SCRIPT = '''
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {repo!r})
+from tests.test_sources import mlp_config, step_method
+from geomrobust import data, parallel
+from geomrobust.training import loop
+assert jax.device_count() == 8, jax.devices()
+out = {{}}
+for n in (1, 8):
+  src = data.make_source('sparse_coding', {{'dim': 16, 'sparsity': 3, 'test_examples': 256}})
+  cfg = mlp_config(steps=12, steps_per_log=5)
+  res = loop.train(step_method(cfg, 2, 12), src, None, None, None, cfg, {tmp!r} + f'/n{{n}}',
+                   parallel.make_mesh(n), log=lambda s: None)
+  out[n] = [np.asarray(l).tolist() for l in jax.tree.leaves(res.params)]
+json.dump(out, open({tmp!r} + '/out.json', 'w'))
+'''
+
+
+def test_generated_step_phase_on_8_devices_matches_one_device(run_on_8_cpu_devices):
+  out = run_on_8_cpu_devices(SHARDED_SCRIPT)
+  for a, b in zip(out['1'], out['8']):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
