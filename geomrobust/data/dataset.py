@@ -16,11 +16,18 @@ from geomrobust.data.registry import DatasetSpec
 # elementwise == would make a generated __eq__ raise); identity is what we want.
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class Dataset:
-  """A loaded image-classification data set, held in host memory.
+  """A loaded classification data set, held in host memory.
+
+  Files give images: uint8 [N, H, W, C], scaled by 1/255 where they are used,
+  valid input box (0, 1). A Dataset may instead hold float32 inputs of any
+  shape [N, ...] (e.g. [N, D] vectors or [N, T, F] audio features), used as
+  they are, with no input box; `box` says which. For training, wrap the
+  arrays in a source (`geomrobust.data.source.StoredSource`, or `.train_source`).
 
   Attributes:
     name: registry name, e.g. "mnist".
-    train_images: uint8 [N, H, W, C] (MNIST [60000, 28, 28, 1]; CIFAR-10 [50000, 32, 32, 3]).
+    train_images: uint8 [N, H, W, C] (MNIST [60000, 28, 28, 1]; CIFAR-10 [50000, 32, 32, 3]),
+      or float32 [N, ...].
     train_labels: int32 [N], in [0, num_classes).
     test_images: uint8 [M, H, W, C].
     test_labels: int32 [M].
@@ -44,12 +51,18 @@ class Dataset:
     for split in ("train", "test"):
       images = getattr(self, f"{split}_images")
       labels = getattr(self, f"{split}_labels")
-      if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"{self.name} {split}_images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+      image_ok = images.dtype == np.uint8 and images.ndim == 4
+      float_ok = images.dtype == np.float32 and images.ndim >= 2
+      if not (image_ok or float_ok):
+        raise DataError(f"{self.name} {split}_images must be uint8 [N, H, W, C] or float32 [N, ...], "
+                        f"got {images.dtype} {images.shape}")
       if labels.dtype != np.int32 or labels.ndim != 1:
         raise DataError(f"{self.name} {split}_labels must be int32 [N], got {labels.dtype} {labels.shape}")
       if len(images) != len(labels):
         raise DataError(f"{self.name} {split}: {len(images)} images but {len(labels)} labels")
+    if self.train_images.dtype != self.test_images.dtype:
+      raise DataError(f"{self.name}: train inputs are {self.train_images.dtype} but test inputs "
+                      f"{self.test_images.dtype}")
     if self.train_images.shape[1:] != self.test_images.shape[1:]:
       raise DataError(
           f"{self.name}: train images {self.train_images.shape[1:]} and test images "
@@ -57,9 +70,20 @@ class Dataset:
       )
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of one image."""
+  def image_shape(self) -> tuple[int, ...]:
+    """(H, W, C) of one image (the shape of one example for float data)."""
     return tuple(self.train_images.shape[1:])
+
+  @property
+  def box(self) -> tuple[float, float] | None:
+    """The valid input box: (0.0, 1.0) for uint8 images, None for float data."""
+    return (0.0, 1.0) if self.train_images.dtype == np.uint8 else None
+
+  def train_source(self):
+    """The training split as a `StoredSource` (for `training.loop.train`)."""
+    from geomrobust.data.source import StoredSource
+
+    return StoredSource(self.train_images, self.train_labels, num_classes=self.num_classes)
 
   def __repr__(self) -> str:
     return (

@@ -58,6 +58,9 @@ def load_dataset(
     what was tried and which files to put where).
   """
   spec = get_spec(name)
+  if spec.generated:
+    raise DataError(f"{name!r} is a generated dataset, not files: build its training source with "
+                    f"geomrobust.data.make_source({name!r}, config.data.get({name!r}))")
   tried = []
 
   # 1. An explicit folder.

@@ -62,6 +62,15 @@ class DatasetSpec:
     """All canonical file names, train first."""
     return self.train_files + self.test_files
 
+  @property
+  def box(self) -> tuple[float, float]:
+    """The valid input box of these images after the loop's x / 255: [0, 1]."""
+    return (0.0, 1.0)
+
+  @property
+  def generated(self) -> bool:
+    return False
+
   def md5_of(self, filename: str) -> str | None:
     """Expected md5 of the uncompressed content of a canonical file, if known."""
     return dict(self.md5).get(filename)
@@ -142,8 +151,17 @@ def available_datasets() -> list[str]:
   return sorted(REGISTRY)
 
 
-def get_spec(name: str) -> DatasetSpec:
-  """The spec registered under `name`; DataError for an unknown name."""
+def get_spec(name: str):
+  """The spec registered under `name`; DataError for an unknown name.
+
+  Stored data sets give their `DatasetSpec`; generated ones (see
+  `geomrobust.data.generated`) their `GeneratorSpec`. Both have `name`,
+  `num_classes`, `box` and `generated`.
+  """
+  from geomrobust.data import generated  # late: generated imports jax
+
+  if name in generated.GENERATORS:
+    return generated.GENERATORS[name]
   try:
     return REGISTRY[name]
   except KeyError:

@@ -59,6 +59,8 @@ class Phase:
       (``optax.set_to_zero``), which also freezes them under Adam momentum.
       ``None`` trains everything.
     lr: learning rate for this phase (``None``: ``config.train.lr``).
+    steps: if set, the phase runs this many optimiser steps (in chunks of
+      ``config.train.steps_per_log``) instead of ``epochs`` (which must be 0).
   """
 
   name: str
@@ -66,6 +68,7 @@ class Phase:
   loss_fn: LossFn
   trainable: Callable[[tuple[str, ...]], bool] | None = None
   lr: float | None = None
+  steps: int | None = None
 
 
 class Method:

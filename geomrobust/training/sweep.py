@@ -27,10 +27,13 @@ The value axis is padded (repeating the last value) to fit chunks and
 devices; padded members are trained and dropped.
 
 Checkpoints (orbax, like ``loop.py``) hold the stacked state; a killed sweep
-resumes from the last one and reproduces the uninterrupted numbers. The clean
-test accuracy is measured (for all members at once) after each of the last
-``mean_last`` epochs of the final phase: a paper's "mean of the last K epochs"
-number comes from the sweep itself.
+resumes from the last one and reproduces the uninterrupted numbers. The phase
+skeleton (resume, NaN stop, checkpoints with every phase end kept, metrics,
+progress) is ``training.phases.run_phases``, shared with ``loop.train``;
+step-counted phases and generated data work here as there. The clean test
+accuracy is measured (for all members at once) after each of the last
+``mean_last`` rounds (epochs) of the final phase: a paper's "mean of the last
+K epochs" number comes from the sweep itself.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import time
 from typing import Any, Callable
 
 import jax
@@ -49,11 +51,11 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from geomrobust import parallel
+from geomrobust.data import source as source_lib
 from geomrobust.methods import base
-from geomrobust.parallel import batching
-from geomrobust.runio import MetricsWriter
 from geomrobust.training import augment as augment_lib
 from geomrobust.training import loop
+from geomrobust.training import phases as phases_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,7 @@ class SweepResult:
   compilations: dict        # phase -> compiled epoch programs (1 = no retrace)
   phase_seconds: dict       # phase -> wall seconds in this process
   first_epoch_seconds: dict  # phase -> first epoch's wall time (includes compilation)
+  phase_ends: dict = dataclasses.field(default_factory=dict)  # phase -> round of its end checkpoint
 
 
 def member_sharding(mesh) -> NamedSharding:
@@ -138,39 +141,46 @@ def stack_hparams(method: base.Method, grid: Grid, layout: Layout) -> dict:
   return out
 
 
-def make_sweep_epoch(epoch_fn: Callable, layout: Layout) -> Callable:
-  """``epoch_fn`` (one member) -> ``(state [S, Vp, ...], images, labels, rngs [S])
-  -> (state, metrics [S, Vp, steps])``: vmap over seeds, (chunked) vmap over values.
-
-  The data-order key is per seed and unbatched over values, so within a seed
-  every value trains on the same batches (and shares the first matmul).
-  """
-  inner = jax.vmap(epoch_fn, in_axes=(0, None, None, None))
+def stack_members(fn: Callable, layout: Layout, seed_axes: tuple) -> Callable:
+  """One member's ``fn(state, *rest)`` -> the same over stacked ``state [S, Vp, ...]``:
+  vmap over seeds (``rest`` mapped with ``seed_axes``), (chunked) vmap over
+  values (``rest`` unbatched: every value of a seed sees the same data)."""
+  inner = jax.vmap(fn, in_axes=(0,) + (None,) * len(seed_axes))
   w, c, vp = layout.width, layout.n_chunks, layout.padded
 
-  def per_seed(state, images, labels, rng):
+  def per_seed(state, *rest):
     if c == 1:
-      return inner(state, images, labels, rng)
+      return inner(state, *rest)
     split = lambda a: jnp.swapaxes(a.reshape((w, c) + a.shape[1:]), 0, 1)   # [c, w, ...]
     merge = lambda a: jnp.swapaxes(a, 0, 1).reshape((vp,) + a.shape[2:])
-    out = jax.lax.map(lambda st: inner(st, images, labels, rng), jax.tree.map(split, state))
+    out = jax.lax.map(lambda st: inner(st, *rest), jax.tree.map(split, state))
     return jax.tree.map(merge, out)
 
-  return jax.vmap(per_seed, in_axes=(0, None, None, 0))
+  return jax.vmap(per_seed, in_axes=(0,) + tuple(seed_axes))
+
+
+def make_sweep_epoch(epoch_fn: Callable, layout: Layout, n_arrays: int = 2) -> Callable:
+  """``epoch_fn`` (one member) -> ``(state [S, Vp, ...], *arrays, rngs [S])
+  -> (state, metrics [S, Vp, steps])``: vmap over seeds, (chunked) vmap over values.
+
+  ``n_arrays``: the source's data arrays (2 for stored images and labels, 0
+  for a generator). The data-order key is per seed and unbatched over values,
+  so within a seed every value trains on the same batches (and shares the
+  first matmul).
+  """
+  return stack_members(epoch_fn, layout, (None,) * n_arrays + (0,))
 
 
 def make_sweep_accuracy_fn(method: base.Method, batch_size: int, mesh) -> Callable:
-  """Jitted ``(params [S, Vp, ...], images uint8 [N, ...], labels [N]) -> accuracy [S, Vp]``."""
+  """Jitted ``(params [S, Vp, ...], inputs [N, ...], labels [N], keys [S]) -> accuracy [S, Vp]``
+  (``loop.accuracy_of`` per member; seed s's members use ``keys[s]``)."""
 
-  def one(params, images, labels):
-    def chunk(xy):
-      x, y = xy
-      return (jnp.argmax(method.logits(params, x.astype(jnp.float32) / 255.0), -1) == y).astype(jnp.float32)
-    return batching.map_batches(chunk, (images, labels), batch_size).mean()
+  def one(params, inputs, labels, key):
+    return loop.accuracy_of(method, params, inputs, labels, key, batch_size)
 
-  fn = jax.vmap(jax.vmap(one, (0, None, None)), (0, None, None))
+  fn = jax.vmap(jax.vmap(one, (0, None, None, None)), (0, None, None, 0))
   rep, msh = parallel.replicated(mesh), member_sharding(mesh)
-  return jax.jit(fn, in_shardings=(msh, rep, rep), out_shardings=msh)
+  return jax.jit(fn, in_shardings=(msh, rep, rep, rep), out_shardings=msh)
 
 
 def _stack_init(method: base.Method, init_rngs, example, layout: Layout):
@@ -181,8 +191,8 @@ def _stack_init(method: base.Method, init_rngs, example, layout: Layout):
 
 
 def _tree(state: loop.TrainState, acc: np.ndarray, with_opt: bool) -> dict:
-  """The checkpointed tree; phase-end checkpoints carry no optimiser state (a
-  new phase starts a fresh one), which halves the size of the final one."""
+  """The checkpointed tree; the end of a phase that another phase follows
+  carries no optimiser state (that phase starts a fresh one)."""
   tree = {'step': state.step, 'params': state.params, 'hparams': state.hparams, 'acc': acc}
   if with_opt:
     tree['opt_state'] = state.opt_state
@@ -190,178 +200,210 @@ def _tree(state: loop.TrainState, acc: np.ndarray, with_opt: bool) -> dict:
 
 
 def checkpoint_manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      (pathlib.Path(workdir) / 'checkpoints').absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True, enable_async_checkpointing=False))
+  """The sweep's manager: the newest checkpoint and every phase end survive
+  (phase ends as recorded by the last ``train_sweep`` in ``checkpoints/phases.json``)."""
+  try:
+    ends = [row['end'] for row in phases_lib.read_layout(workdir)]
+  except FileNotFoundError:
+    ends = []
+  return phases_lib.checkpoint_manager(workdir, keep_last=1, keep_rounds=ends)
 
 
-def restore_stacked_params(workdir: pathlib.Path):
-  """``(params [S, V_padded, ...] as numpy, epoch)`` of a sweep's last checkpoint."""
-  mngr = checkpoint_manager(workdir)
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {pathlib.Path(workdir) / "checkpoints"}')
-  tree = mngr.restore(step, args=ocp.args.StandardRestore())
-  mngr.close()
+def restore_stacked_params(workdir: pathlib.Path, epoch: int | None = None, *, phase: str | None = None):
+  """``(params [S, V_padded, ...] as numpy, round)`` of a sweep's last
+  checkpoint, of round ``epoch``, or of the end of phase ``phase``."""
+  tree, step = phases_lib.restore_tree(workdir, epoch, phase)
   return tree['params'], step
+
+
+class _Stacked:
+  """The stacked-members trainer for ``phases.run_phases``."""
+
+  noun = 'sweep '
+  keep_last = 1
+
+  def __init__(self, method, grid, source, test, config, mesh, workdir, chunk_size, mean_last, init_params):
+    self.method, self.grid, self.source, self.workdir, self.mesh = method, grid, source, workdir, mesh
+    self.tcfg = tcfg = config.train
+    self.bs = bs = int(tcfg.batch_size)
+    self.spe = source.steps_per_epoch(bs)
+    if self.spe == 0:
+      raise ValueError(f'train.batch_size={bs} is larger than the {source.num_examples} training examples')
+    self.augment = augment_lib.get_augment(str(tcfg.get('augment', '') or ''))
+    self.s_count, self.v_count = grid.shape
+    self.layout = Layout.make(self.v_count, int(chunk_size), mesh.devices.size)
+    self.rep, self.msh = parallel.replicated(mesh), member_sharding(mesh)
+    self.arrays = tuple(jax.device_put(tuple(source.arrays), self.rep))
+    self.test = tuple(jax.device_put(tuple(test), self.rep)) if test is not None else None
+    seed_keys = [jax.random.key(int(s)) for s in grid.seeds]
+    keys = jnp.stack([jnp.stack(jax.random.split(k)) for k in seed_keys])  # [S, 2]
+    self.init_rngs, self.train_rngs = keys[:, 0], keys[:, 1]
+    self.seed_keys = seed_keys
+    self.example = jnp.zeros((1,) + tuple(source.example_shape), jnp.float32)
+    self.mean_last = int(mean_last)
+    self.eval_batch = int(config.eval.batch_size)
+    self._hparams = jax.tree.map(jnp.asarray, stack_hparams(method, grid, self.layout))
+    self.members = self.s_count * self.v_count
+    # One member's params structure (for the optimiser's labels), without computing them.
+    self.like = jax.eval_shape(method.init_params, self.init_rngs[0], self.example)
+    self.init_params = (phases_lib.check_init_params(init_params, self.like, 'init_params')
+                        if init_params is not None else None)
+
+  def set_segments(self, segments):
+    total = segments[-1].end if segments else 0
+    first = segments[-1].start if segments else 0
+    self.acc_epochs = (list(range(max(first, total - self.mean_last) + 1, total + 1))
+                       if self.mean_last else [])
+    self.acc = np.zeros((self.s_count, self.layout.padded, len(self.acc_epochs)), np.float32)
+    self.acc_fn = (make_sweep_accuracy_fn(self.method, self.eval_batch, self.mesh)
+                   if self.acc_epochs and self.test is not None else None)
+
+  def _init(self):
+    if self.init_params is not None:
+      lead = (self.s_count, self.layout.padded)
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape), self.init_params)
+    return _stack_init(self.method, self.init_rngs, self.example, self.layout)
+
+  def initial(self):
+    return self._init(), self.hparams()
+
+  def hparams(self):
+    return jax.tree.map(jnp.copy, self._hparams)  # new arrays: the first compiled call donates them
+
+  def optimizer(self, seg):
+    return loop.phase_optimizer(seg.phase, self.like, self.tcfg, self.spe)
+
+  def fresh_state(self, params, hparams, tx, step):
+    return jax.device_put(
+        loop.TrainState(step=jnp.full((self.s_count, self.layout.padded), step, jnp.int32), params=params,
+                        opt_state=jax.vmap(jax.vmap(tx.init))(params), hparams=hparams), self.msh)
+
+  def restore_template(self, tx):
+    fresh = self.fresh_state(self._init(), self.hparams(), tx, 0)
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(fresh, self.acc, True))
+
+  def from_tree(self, tree):
+    self.load_extras(tree)
+    return jax.device_put(loop.TrainState(step=tree['step'], params=tree['params'], opt_state=tree['opt_state'],
+                                          hparams=tree['hparams']), self.msh)
+
+  def load_extras(self, tree):
+    self.acc = np.asarray(tree['acc'])
+
+  def tree(self, state, with_opt):
+    return _tree(state, self.acc, with_opt)
+
+  def compile(self, seg, tx, length, note_trace):
+    step = loop.make_train_step(seg.phase.loss_fn, tx)
+    n = len(self.arrays)
+    if seg.by_steps:
+      fn = loop.make_chunk(step, self.bs, length, self.spe, None, augment=self.augment, source=self.source)
+      members = stack_members(fn, self.layout, (None,) * n + (0, None))
+    else:
+      fn = loop.make_epoch(step, self.bs, self.spe, None, augment=self.augment, source=self.source)
+      members = make_sweep_epoch(fn, self.layout, n)
+    rest = (self.rep,) * (n + (2 if seg.by_steps else 1))
+    return jax.jit(loop.counted(members, note_trace), in_shardings=(self.msh,) + rest,
+                   out_shardings=(self.msh, self.msh), donate_argnums=(0,))
+
+  def round_args(self, seg, r):
+    if seg.by_steps:
+      keys = jax.vmap(lambda k: phases_lib.step_phase_key(k, seg))(self.train_rngs)
+      return self.arrays + tuple(jax.device_put((keys, np.int32(seg.offset(r))), self.rep))
+    rngs = jax.vmap(lambda k: jax.random.fold_in(k, r))(self.train_rngs)
+    return self.arrays + (jax.device_put(rngs, self.rep),)
+
+  def fetch(self, metrics):
+    return {k: np.asarray(v)[:, :self.v_count] for k, v in jax.device_get(metrics).items()}
+
+  def first_bad(self, losses):
+    bad = np.argwhere(~np.isfinite(losses))  # [S, V, steps]
+    if not bad.size:
+      return None
+    si, vi, i = (int(t) for t in bad[0])
+    return (si, vi), i
+
+  def nan_message(self, value, member, step, at, seg, last):
+    si, vi = member
+    g = self.grid
+    what = f'seed {g.seeds[si]}' + (f', {g.hparam}={g.values[vi]}' if g.hparam else '')
+    unit = 'round' if seg.by_steps else 'epoch'
+    return (f'non-finite loss ({value}) for the sweep member {what} at step {step} ({at}, phase {seg.name!r}); '
+            f'last good sweep checkpoint: {unit} {last or 0}. Drop that value or lower --config.train.lr; '
+            'rerunning resumes from there.')
+
+  def report(self, seg, r, state, metrics, dt, total):
+    done, n, v = r + 1, seg.length(r), self.v_count
+    losses = metrics['loss']
+    record = {'epoch': done, 'phase': seg.name, **{k: float(np.mean(x)) for k, x in metrics.items()},
+              'loss_members': np.mean(losses, axis=-1).tolist()}
+    if seg.by_steps:
+      record.update(step=seg.first_step + seg.offset(r) + n, phase_step=seg.offset(r) + n, seconds=dt)
+    else:
+      record['epoch_seconds'] = dt
+    record['member_examples_per_second'] = self.members * n * self.bs / dt
+    if done in self.acc_epochs and self.acc_fn is not None:
+      slot = self.acc_epochs.index(done)
+      keys = jax.device_put(jnp.stack([phases_lib.accuracy_key(k, r) for k in self.seed_keys]), self.rep)
+      self.acc[:, :, slot] = np.asarray(self.acc_fn(state.params, *self.test, keys))
+      record['test_accuracy'] = float(np.mean(self.acc[:, :v, slot]))
+      record['test_accuracy_members'] = self.acc[:, :v, slot].tolist()
+    return record
+
+  def progress(self, seg, r, record, metrics, dt, total, eta):
+    member_loss = np.mean(metrics['loss'], axis=-1)
+    acc_txt = f' test_acc {record["test_accuracy"]:.4f}' if 'test_accuracy' in record else ''
+    return (f'{phases_lib.position(seg, r + 1, total)} loss {record["loss"]:.4f} (members {member_loss.min():.4f}'
+            f'..{member_loss.max():.4f}){acc_txt} | {self.members} members, '
+            f'{record["member_examples_per_second"]:,.0f} member-examples/s | ETA {phases_lib.fmt_time(eta)}')
+
+  def final(self, state):
+    return state.params
+
+  def final_from_tree(self, tree):
+    self.acc = np.asarray(tree['acc'])
+    return jax.tree.map(jnp.asarray, tree['params'])
 
 
 def train_sweep(method: base.Method, grid: Grid, train_images, train_labels, test_images, test_labels,
                 config: ml_collections.ConfigDict, workdir: pathlib.Path | None, mesh, *,
                 chunk_size: int = 0, mean_last: int = 10, log: Callable[[str], None] = print, tag: str = '',
-                after_epoch: Callable[[int], None] | None = None) -> SweepResult:
+                after_epoch: Callable[[int], None] | None = None, init_params=None,
+                transfer_guard: str | None = None) -> SweepResult:
   """Trains every member of ``grid`` in one vmapped program per phase.
 
   Args:
     method: the objective, built from the base config (its non-swept
       hyperparameters and phases are every member's).
     grid: seeds x values of ``grid.hparam``.
-    train_images: uint8 ``[N, H, W, C]``; train_labels: int32 ``[N]``.
+    train_images: uint8 ``[N, H, W, C]`` (or float32 ``[N, ...]``) with
+      train_labels int32 ``[N]``; or a ``data.source.TrainSource`` with
+      ``train_labels=None``.
     test_images, test_labels: the split whose clean accuracy is measured
-      after each of the last ``mean_last`` epochs of the final phase.
+      after each of the last ``mean_last`` rounds of the final phase (``None``:
+      the source's own test split, if any).
     config: the base config (``train``, ``eval.batch_size``).
     workdir: folder for ``checkpoints/`` and ``metrics.jsonl`` (``None``: no
       checkpoints, e.g. benchmarks).
     mesh: a ``('data',)`` mesh; members are sharded over it.
     chunk_size: values per vmapped chunk (0: all at once).
-    mean_last: how many final epochs get a test-accuracy measurement.
+    mean_last: how many final rounds get a test-accuracy measurement.
     log, tag: progress lines.
-    after_epoch: called with the number of completed epochs (tests simulate a
+    after_epoch: called with the number of completed rounds (tests simulate a
       kill with it).
+    init_params: one member's parameters (the tree of ``method.init_params``)
+      every member starts from instead of its init; ignored on resume.
+    transfer_guard: run each compiled round under ``jax.transfer_guard``.
   """
-  tcfg = config.train
-  bs = int(tcfg.batch_size)
-  n = int(train_images.shape[0])
-  steps = n // bs
-  if steps == 0:
-    raise ValueError(f'train.batch_size={bs} is larger than the {n} training examples')
-  phases = [p for p in method.phases()]
-  total = sum(p.epochs for p in phases)
-  boundaries = np.cumsum([0] + [p.epochs for p in phases])
-  last = max(i for i, p in enumerate(phases) if p.epochs > 0)
-  acc_epochs = list(range(max(int(boundaries[last]), total - int(mean_last)) + 1, total + 1)) if mean_last else []
-  augment = augment_lib.get_augment(str(tcfg.get('augment', '') or ''))
-  epoch_kwargs = {'augment': augment} if augment is not None else {}
-
-  s_count, v_count = grid.shape
-  layout = Layout.make(v_count, int(chunk_size), mesh.devices.size)
-  rep, msh = parallel.replicated(mesh), member_sharding(mesh)
-  train_images, train_labels, test_images, test_labels = jax.device_put(
-      (train_images, train_labels, test_images, test_labels), rep)
-
-  keys = jnp.stack([jnp.stack(jax.random.split(jax.random.key(int(s)))) for s in grid.seeds])  # [S, 2]
-  init_rngs, train_rngs = keys[:, 0], keys[:, 1]
-  example = jnp.zeros((1,) + tuple(train_images.shape[1:]), jnp.float32)
-  params = _stack_init(method, init_rngs, example, layout)
-  hparams = jax.tree.map(jnp.asarray, stack_hparams(method, grid, layout))
-  one_params = jax.tree.map(lambda a: a[0, 0], params)  # structure for the optimiser's labels
-  acc = np.zeros((s_count, layout.padded, len(acc_epochs)), np.float32)
-  acc_fn = make_sweep_accuracy_fn(method, int(config.eval.batch_size), mesh) if acc_epochs else None
-
-  mngr = checkpoint_manager(workdir) if workdir is not None else None
-  metrics_log = MetricsWriter(pathlib.Path(workdir) / 'metrics.jsonl') if workdir is not None else None
-  start = (mngr.latest_step() or 0) if mngr is not None else 0
-  if start > total:
-    raise loop.TrainingError(f'{workdir} has a sweep checkpoint at epoch {start} but this config trains {total} '
-                             'epochs; use a fresh --workdir')
-  if metrics_log is not None:
-    metrics_log.truncate_after(start)
-
-  members = s_count * v_count
-  state = None
-  run_seconds, epoch_times = 0.0, []
-  compilations, phase_seconds, first_epoch = {}, {}, {}
-  for pi, phase in enumerate(phases):
-    p_start, p_end = int(boundaries[pi]), int(boundaries[pi + 1])
-    if p_end <= start or phase.epochs == 0:
-      continue
-    tx = loop.phase_optimizer(phase, one_params, tcfg, steps)
-    init_opt = lambda p: jax.vmap(jax.vmap(tx.init))(p)
-    if state is not None:
-      params, hparams = state.params, state.hparams
-      state = loop.TrainState(step=state.step, params=params, opt_state=init_opt(params), hparams=hparams)
-    elif start > p_start:
-      # Resuming inside this phase: the checkpoint holds its optimiser state.
-      fresh = jax.device_put(loop.TrainState(step=jnp.zeros((s_count, layout.padded), jnp.int32), params=params,
-                                             opt_state=init_opt(params), hparams=hparams), msh)
-      template = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(fresh, acc, True))
-      tree = mngr.restore(start, args=ocp.args.StandardRestore(template))
-      state = loop.TrainState(step=tree['step'], params=tree['params'], opt_state=tree['opt_state'],
-                              hparams=tree['hparams'])
-      acc = np.asarray(tree['acc'])
-      log(f'{tag}resumed the sweep from {pathlib.Path(workdir) / "checkpoints"} at epoch {start}/{total}')
-    else:
-      if start > 0:
-        # Resuming at a phase boundary: parameters (and accuracies) only.
-        tree = mngr.restore(start, args=ocp.args.StandardRestore())
-        params = jax.tree.map(jnp.asarray, tree['params'])
-        acc = np.asarray(tree['acc'])
-        log(f'{tag}resumed the sweep from {pathlib.Path(workdir) / "checkpoints"} at epoch {start}/{total}')
-      step0 = max(start, p_start) * steps
-      state = loop.TrainState(step=jnp.full((s_count, layout.padded), step0, jnp.int32), params=params,
-                              opt_state=init_opt(params), hparams=hparams)
-    state = jax.device_put(state, msh)
-    epoch = loop.make_epoch(loop.make_train_step(phase.loss_fn, tx), bs, steps, None, **epoch_kwargs)
-    epoch_fn = jax.jit(make_sweep_epoch(epoch, layout), in_shardings=(msh, rep, rep, rep),
-                       out_shardings=(msh, msh), donate_argnums=(0,))
-
-    phase_t0 = time.perf_counter()
-    for e in range(max(p_start, start), p_end):
-      t0 = time.perf_counter()
-      rngs = jax.vmap(lambda k: jax.random.fold_in(k, e))(train_rngs)
-      new_state, metrics = epoch_fn(state, train_images, train_labels, rngs)
-      metrics = {k: np.asarray(v)[:, :v_count] for k, v in jax.device_get(metrics).items()}
-      dt = time.perf_counter() - t0
-      losses = metrics['loss']  # [S, V, steps]
-      bad = np.argwhere(~np.isfinite(losses))
-      if bad.size:
-        si, vi, i = (int(t) for t in bad[0])
-        last_ckpt = mngr.latest_step() if mngr is not None else None
-        what = f'seed {grid.seeds[si]}' + (f', {grid.hparam}={grid.values[vi]}' if grid.hparam else '')
-        raise loop.TrainingError(
-            f'non-finite loss ({losses[si, vi, i]}) for the sweep member {what} at step '
-            f'{e * steps + i + 1} (epoch {e + 1}, phase {phase.name!r}); last good sweep checkpoint: epoch '
-            f'{last_ckpt or 0}. Drop that value or lower --config.train.lr; rerunning resumes from there.')
-      state = new_state
-      done = e + 1
-      record = {'epoch': done, 'phase': phase.name,
-                **{k: float(np.mean(v)) for k, v in metrics.items()},
-                'loss_members': np.mean(losses, axis=-1).tolist(),
-                'epoch_seconds': dt, 'member_examples_per_second': members * steps * bs / dt}
-      if done in acc_epochs:
-        slot = acc_epochs.index(done)
-        acc[:, :, slot] = np.asarray(acc_fn(state.params, test_images, test_labels))
-        record['test_accuracy'] = float(np.mean(acc[:, :v_count, slot]))
-        record['test_accuracy_members'] = acc[:, :v_count, slot].tolist()
-      if mngr is not None and (done % int(tcfg.checkpoint_every) == 0 or done == p_end):
-        mngr.save(done, args=ocp.args.StandardSave(_tree(state, acc, with_opt=done != p_end)))
-        mngr.wait_until_finished()
-      if metrics_log is not None:
-        metrics_log.write(record)
-      if e == max(p_start, start):
-        first_epoch[phase.name] = dt
-      epoch_times.append(dt)
-      run_seconds += dt
-      eta = float(np.median(epoch_times)) * (total - done)
-      member_loss = np.mean(losses, axis=-1)
-      acc_txt = f' test_acc {record["test_accuracy"]:.4f}' if 'test_accuracy' in record else ''
-      log(f'{tag}epoch {done}/{total} [{phase.name}] loss {record["loss"]:.4f} (members {member_loss.min():.4f}'
-          f'..{member_loss.max():.4f}){acc_txt} | {members} members, {record["member_examples_per_second"]:,.0f} '
-          f'member-examples/s | ETA {loop._fmt_time(eta)}')
-      if after_epoch is not None:
-        after_epoch(done)
-    phase_seconds[phase.name] = time.perf_counter() - phase_t0
-    compilations[phase.name] = epoch_fn._cache_size()
-
-  if state is None:
-    # Everything was already trained: the final checkpoint has the parameters.
-    tree = mngr.restore(total, args=ocp.args.StandardRestore())
-    params, acc = jax.tree.map(jnp.asarray, tree['params']), np.asarray(tree['acc'])
-    log(f'{tag}sweep training already complete ({total} epochs) in {workdir}')
-  else:
-    params = state.params
-  if mngr is not None:
-    mngr.close()
-  return SweepResult(params=jax.tree.map(lambda a: a[:, :v_count], params), accuracy=acc[:, :v_count],
-                     accuracy_epochs=acc_epochs, epochs=total, seconds=run_seconds, resumed_from=start,
-                     compilations=compilations, phase_seconds=phase_seconds, first_epoch_seconds=first_epoch)
+  source = source_lib.as_source(train_images, train_labels)
+  test = (test_images, test_labels) if test_images is not None else source.test
+  trainer = _Stacked(method, grid, source, test, config, mesh, workdir, chunk_size, mean_last, init_params)
+  segments = phases_lib.plan(method.phases(), trainer.spe, int(config.train.get('steps_per_log', 100)))
+  trainer.set_segments(segments)
+  run = phases_lib.run_phases(trainer, segments, workdir=workdir, checkpoint_every=int(config.train.checkpoint_every),
+                              log=log, tag=tag, after_round=after_epoch, transfer_guard=transfer_guard)
+  v = trainer.v_count
+  return SweepResult(params=jax.tree.map(lambda a: a[:, :v], run.params), accuracy=trainer.acc[:, :v],
+                     accuracy_epochs=trainer.acc_epochs, epochs=run.total, seconds=run.seconds,
+                     resumed_from=run.resumed_from, compilations=run.compilations, phase_seconds=run.phase_seconds,
+                     first_epoch_seconds=run.first_round_seconds, phase_ends=run.phase_ends)
