@@ -36,7 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
   resolved values):
 
   seed                 fixes init, data order and attack randomness.
-  dataset              a name from ``geomrobust.data.available_datasets()``.
+  init_from            start from another run's weights instead of an init:
+                       'RUN_DIR' (its final weights; a member's folder for a
+                       family or sweep member) or 'RUN_DIR@PHASE' (the
+                       weights at the end of that phase). '' = a fresh init.
+  dataset              a name from ``geomrobust.data.available_datasets()``,
+                       or a generated one (``geomrobust.data.generated``, its
+                       options under ``data.<name>``, e.g. data.sparse_coding.dim).
   data.verify          check file checksums and example counts (off only for
                        generated test files).
   data.train_examples  use the first N training examples (0 = all).
@@ -50,6 +56,9 @@ def default_config() -> ml_collections.ConfigDict:
                        train.weight_decay, train.lr_milestones (epochs) and
                        train.lr_decay (multiplier at each milestone).
   train.checkpoint_every  epochs between checkpoints (resume granularity).
+  train.steps_per_log  a phase that counts steps (not epochs) runs in compiled
+                       chunks of this many steps: one metrics row, checkpoint
+                       and resume point per chunk.
   train.eval_every     epochs between clean test-accuracy logs (0 = never).
   train.augment        data augmentation inside the compiled epoch ('' = none,
                        crop_flip = pad-4 random crop + horizontal flip; see
@@ -109,7 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict(dict(name='isometric'))
   c.train = ml_collections.ConfigDict(dict(
       epochs=5, batch_size=100, optimizer='adam', lr=1e-3, momentum=0.9, weight_decay=0.0,
-      lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1, augment=''))
+      lr_milestones=(), lr_decay=0.1, checkpoint_every=1, eval_every=1, augment='', steps_per_log=100))
+  c.init_from = ''
   c.eval = ml_collections.ConfigDict(dict(
       profile='', num_examples=0, batch_size=500, norm='linf', eps=(0.1, 0.2, 0.3), attacks=(),
       pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, noise_samples=0,
@@ -259,6 +269,9 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, ma
   parts = key.split('.')
   node = config
   for i, part in enumerate(parts[:-1]):
+    if may_add and isinstance(node, ml_collections.ConfigDict) and part not in node:
+      with node.unlocked():
+        node[part] = ml_collections.ConfigDict()  # e.g. data.sparse_coding.dim with dataset=sparse_coding
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
       raise ConfigError(f'unknown config key {key!r}; valid keys: {", ".join(_flat_keys(config))}')
     node = node[part]
@@ -322,12 +335,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
   """Applies ``(key, text)`` overrides in order, except that ``eval.profile``
   goes first: a profile is a bundle of eval fields, and explicit fields win."""
   config = copy.deepcopy(config)
-  def rechooses(key: str) -> bool:  # replaces an open section, or picks its name
-    return key in OPEN_SECTIONS or (key.count('.') == 1 and key.endswith('.name'))
+  def rechooses(key: str) -> bool:  # replaces an open section, or picks its name (dataset: data's)
+    return key in OPEN_SECTIONS or key == 'dataset' or (key.count('.') == 1 and key.endswith('.name'))
 
   # eval.profile first, then what re-chooses a section, then fields (a stable sort).
   overrides = sorted(overrides, key=lambda kv: 0 if kv[0] == 'eval.profile' else 1 if rechooses(kv[0]) else 2)
-  rechosen = {k.split('.')[0] for k, _ in overrides if rechooses(k)}
+  rechosen = {'data' if k == 'dataset' else k.split('.')[0] for k, _ in overrides if rechooses(k)}
   for key, value in overrides:
     if key == 'eval.profile':
       try:

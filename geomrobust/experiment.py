@@ -66,11 +66,14 @@ def _train_alone(config, workdir: pathlib.Path, data: Data, mesh, *, log, tag, a
   check_workdir_config(workdir, config)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
   method = _build(config, data.num_classes)
+  amount = 'fresh batches' if data.train_labels is None else f'{len(data.train_labels)} train examples'
   log(f'{tag}{config.get("experiment", "")} method={config.method.name} dataset={config.dataset} '
-      f'({len(data.train_labels)} train examples from {data.source}) on {mesh.devices.size} '
+      f'({amount} from {data.source}) on {mesh.devices.size} '
       f'{jax.devices()[0].platform} device(s), workdir {workdir}')
+  init = str(config.get('init_from', '') or '')
   trained = loop.train(method, data.train_images, data.train_labels, data.test_images, data.test_labels,
-                       config, workdir, mesh, log=log, tag=tag, after_epoch=after_epoch)
+                       config, workdir, mesh, log=log, tag=tag, after_epoch=after_epoch,
+                       init_params=pipeline.init_params_from(init) if init else None)
   return method, trained
 
 
@@ -183,7 +186,8 @@ def _train_group(g, config, workdir, ctx, *, log, timing) -> _Trained:
     trained = sweep_lib.train_sweep(
         method, g.grid, data.train_images, data.train_labels, data.test_images, data.test_labels, g.config,
         workdir / STACKED_DIR / g.name, ctx.mesh, chunk_size=int(sw.chunk_size),
-        mean_last=int(sw.mean_last_epochs), log=log, tag=f'[{g.name} {"x".join(map(str, g.grid.shape))}] ')
+        mean_last=int(sw.mean_last_epochs), log=log, tag=f'[{g.name} {"x".join(map(str, g.grid.shape))}] ',
+        init_params=pipeline.init_params_from(g.config.init_from) if g.config.get('init_from') else None)
     timing[f'{g.name}_train_seconds'] = trained.seconds
     timing[f'{g.name}_first_epoch_seconds'] = trained.first_epoch_seconds
     timing[f'{g.name}_compilations'] = trained.compilations
@@ -279,7 +283,8 @@ def _run_sweep(config, workdir: pathlib.Path, groups, ctx: _Context, *, log, ree
   data = ctx.data(config)
   log(f'sweep {config.get("experiment", "")}: method={config.method.name}, {hparam} x seeds = '
       f'{len(sw.grid)} x {int(sw.seeds)}' + (f', baseline {groups[1].name}' if len(groups) > 1 else '') +
-      f' ({"stacked" if groups[0].stacked else "one by one"}); {len(data.train_labels)} train / '
+      f' ({"stacked" if groups[0].stacked else "one by one"}); '
+      f'{"generated" if data.train_labels is None else len(data.train_labels)} train / '
       f'{len(data.test_labels)} test examples from {data.source}; {ctx.mesh.devices.size} '
       f'{jax.devices()[0].platform} device(s); workdir {workdir}')
   timing, trained_of, member_results, rows = {}, {}, {}, {}

@@ -26,6 +26,8 @@ from geomrobust import methods
 from geomrobust import models
 from geomrobust import probes as probes_lib
 from geomrobust import runio
+from geomrobust.data import generated
+from geomrobust.data import source as source_lib
 from geomrobust.data import subsets
 from geomrobust.runio import report
 from geomrobust.training import loop
@@ -40,27 +42,50 @@ _NOT_TRAINING_KEYS = ('eval', 'probes', 'only', 'members', 'smoke', 'parallel', 
 
 @dataclasses.dataclass
 class Data:
-  train_images: np.ndarray   # uint8 [N, H, W, C]
-  train_labels: np.ndarray   # int32 [N]
-  test_images: np.ndarray    # uint8 [M, H, W, C]: the split used for per-epoch logs
+  """The arrays a member trains and is evaluated on.
+
+  Stored data: ``train_images`` uint8 ``[N, H, W, C]`` images (or float32 of
+  any shape), ``train_labels`` int32 ``[N]``. Generated data: ``train_images``
+  is the dataset's ``data.source.GeneratorSource`` (fresh batches made on the
+  device inside the compiled epoch) and ``train_labels`` None; the test split
+  is the source's fixed test set. ``box``: the valid input range attacks clip
+  to ((0, 1) for images, None for unbounded data).
+  """
+  train_images: Any
+  train_labels: np.ndarray | None
+  test_images: np.ndarray    # the split used for per-epoch logs
   test_labels: np.ndarray
-  eval_images: np.ndarray    # uint8: the first eval.num_examples of the full test split
+  eval_images: np.ndarray    # the first eval.num_examples of the full test split
   eval_labels: np.ndarray
   num_classes: int
   source: str
+  box: tuple[float, float] | None = (0.0, 1.0)
 
 
 def prepare_data(config: ml_collections.ConfigDict, data_dir: str | None) -> Data:
   d = config.data
+  n_eval = int(config.eval.num_examples)
+  spec = data_lib.get_spec(config.dataset)
+  if getattr(spec, 'generated', False):
+    src = generated.make_source(config.dataset, d.get(config.dataset))
+    te_x, te_y = src.test
+    n_eval = n_eval or len(te_y)
+    return Data(src, None, te_x, te_y, te_x[:n_eval], te_y[:n_eval], spec.num_classes,
+                f'generated:{config.dataset}', spec.box)
   ds = data_lib.load_dataset(config.dataset, data_dir, verify_checksums=bool(d.verify),
                              expected_counts=bool(d.verify))
   tr_x, tr_y = subsets.first_examples(ds.train_images, ds.train_labels, examples=int(d.train_examples),
                                       per_class=int(d.train_per_class), num_classes=ds.num_classes)
   te_x, te_y = subsets.first_examples(ds.test_images, ds.test_labels, examples=int(d.test_examples),
                                       per_class=int(d.test_per_class), num_classes=ds.num_classes)
-  n_eval = int(config.eval.num_examples) or len(ds.test_labels)
+  n_eval = n_eval or len(ds.test_labels)
   return Data(tr_x, tr_y, te_x, te_y, ds.test_images[:n_eval], ds.test_labels[:n_eval],
-              ds.num_classes, ds.source)
+              ds.num_classes, ds.source, ds.box)
+
+
+def model_input(x) -> jax.Array:
+  """Stored examples as the model sees them: uint8 -> float32 / 255, floats as is."""
+  return source_lib.to_model_input(jnp.asarray(x))
 
 
 def data_key(config: ml_collections.ConfigDict) -> str:
@@ -100,11 +125,34 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
         'or delete that folder to start over')
 
 
+def init_params_from(spec: str):
+  """The parameters ``config.init_from`` names: ``'RUN_DIR'`` (its final
+  weights; a family or sweep member's own folder) or ``'RUN_DIR@PHASE'`` (the
+  snapshot at the end of that phase)."""
+  path, _, phase = str(spec).partition('@')
+  run_dir = pathlib.Path(path)
+  if not (run_dir / 'config.json').exists():
+    raise config_lib.ConfigError(f'init_from={spec!r}: no run in {run_dir} (config.json missing); give a trained '
+                                 "run's folder, e.g. runs/standard_mnist or runs/isometric_mnist/ce")
+  if not phase:
+    return load_run(run_dir).params
+  if (run_dir / MEMBER_FILE).exists():
+    info = runio.read_json(run_dir / MEMBER_FILE)
+    stacked, _ = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'], phase=phase)
+    params = jax.tree.map(lambda a: a[info['seed_index'], info['value_index']], stacked)
+  else:
+    params, _ = loop.restore_params(run_dir, phase=phase)
+  return jax.tree.map(jnp.asarray, params)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast (before data or training) on unknown names and bad combinations."""
   num_classes = data_lib.get_spec(config.dataset).num_classes
   method = _build(config, num_classes)
   method.phases()
+  init = str(config.get('init_from', '') or '')
+  if init and not (pathlib.Path(init.partition('@')[0]) / 'config.json').exists():
+    raise config_lib.ConfigError(f'init_from={init!r}: no run in {init.partition("@")[0]} (config.json missing)')
   evaluation.recipes.resolve(config.eval)
   if int(config.train.batch_size) <= 0 or int(config.train.epochs) < 0:
     raise config_lib.ConfigError('train.batch_size must be positive and train.epochs non-negative')
@@ -125,11 +173,11 @@ def evaluate_model(method: methods.Method, params, data: Data, config, mesh, *, 
   examples for the ``(attack, eps)`` pairs they request.
   """
   ev_cfg = eval_config if eval_config is not None else config.eval
-  x = data_lib.to_float(data.eval_images)
+  x = model_input(data.eval_images)
   requests = [r for p in probes for r in p.adversarial_requests(config)]
   apply_fn = evaluator.classifier(method.classifier_key(), method.logits)
   ev = evaluator.evaluate(apply_fn, params, x, data.eval_labels, ev_cfg, mesh, stochastic=method.stochastic,
-                          log=log, tag=tag, keep_inputs=requests)
+                          log=log, tag=tag, keep_inputs=requests, box=data.box)
   adversarial = ev.pop('adversarial')
   probed = evaluate_probes(method, params, data, config, probes, ev_cfg, adversarial)
   ev['timing']['probe_seconds'] = probed['seconds']
@@ -147,7 +195,7 @@ def evaluate_probes(method: methods.Method, params, data: Data, config, probes: 
   out}, 'summary': {flat numbers}, 'seconds'}``. ``adversarial`` holds the
   evaluation's attacked inputs (``'attack@eps' -> [N, ...]``) probes asked for."""
   t0 = time.perf_counter()
-  x = data_lib.to_float(data.eval_images)
+  x = model_input(data.eval_images)
   out = {'geometry': {}, 'probes': {}, 'summary': {}}
   for i, probe in enumerate(probes):
 
@@ -159,8 +207,8 @@ def evaluate_probes(method: methods.Method, params, data: Data, config, probes: 
 
     inp = probes_lib.ProbeInput(
         method=method, params=params, config=config, eval_x=x, eval_y=data.eval_labels,
-        train_x=data.train_images, train_y=data.train_labels, test_x=data.test_images, test_y=data.test_labels,
-        box=(0.0, 1.0), key=jax.random.fold_in(jax.random.key(int(ev_cfg.seed)), 1000 + i),
+        train_x=None if data.train_labels is None else data.train_images, train_y=data.train_labels,
+        test_x=data.test_images, test_y=data.test_labels, box=data.box, key=jax.random.fold_in(jax.random.key(int(ev_cfg.seed)), 1000 + i),
         adversarial=adversarial_of)
     result = probe(inp)
     out['geometry' if probe.kind == 'geometry' else 'probes'][probe.name] = result

@@ -248,3 +248,43 @@ def test_a_sweep_trained_one_by_one_equals_the_stacked_sweep(tmp_path, tiny_mnis
   assert not (tmp_path / 'alone' / 'd_f_0.5_seed0' / pipeline.MEMBER_FILE).exists()
   x = jnp.full((2, 28, 28, 1), 0.3)
   np.testing.assert_allclose(ra.logits(x), rb.logits(x), rtol=1e-4, atol=1e-4)  # vmapped vs plain matmuls
+
+
+# -- data beyond stored images; starting from another run ------------------------------
+
+
+def test_a_generated_dataset_runs_through_the_whole_pipeline_without_a_box(tmp_path):
+  cfg = _tiny_config(epochs=2)
+  cfg = config_lib.apply_overrides(cfg, [
+      ('dataset', 'sparse_coding'), ('data.sparse_coding.dim', '32'), ('data.sparse_coding.sparsity', '3'),
+      ('data.sparse_coding.steps_per_epoch', '5'), ('data.sparse_coding.test_examples', '64'),
+      ('eval.eps', '0.5'), ('eval.num_examples', '64'), ('eval.sanity', 'true'), ('probes', "{'pair_distances': {}}")])
+  lines = []
+  res = experiment.run_experiment(cfg, tmp_path / 'gen', None, log=lines.append)
+  assert res['dataset'] == 'sparse_coding' and res['eval_examples'] == 64
+  metrics = runio.read_metrics(tmp_path / 'gen' / 'metrics.jsonl')
+  assert [m['step'] for m in metrics] == [5, 10]  # 2 epochs of 5 generated batches
+  # No box: the large-eps check scales with the data instead of assuming [0, 1] images.
+  assert res['sanity']['large_eps_to_zero']['passed'], res['sanity']['large_eps_to_zero']
+  assert 'train' not in res['geometry']['pair_distances'] and res['geometry']['pair_distances']['test']
+  assert any('generated:sparse_coding' in l for l in lines)
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, tiny_mnist_dir):
+  cfg = _tiny_config(epochs=2)
+  first = experiment.run_experiment(cfg, tmp_path / 'a', tiny_mnist_dir, log=lambda s: None)
+  # One epoch at learning rate 0 leaves the starting weights as they are.
+  again = config_lib.apply_overrides(cfg, [('init_from', str(tmp_path / 'a')), ('train.epochs', '1'), ('train.lr', '0')])
+  second = experiment.run_experiment(again, tmp_path / 'b', tiny_mnist_dir, log=lambda s: None)
+  assert second['clean_accuracy'] == first['clean_accuracy']
+  np.testing.assert_array_equal(np.load(tmp_path / 'a' / 'robust_masks.npz')['pgd@0.1'],
+                                np.load(tmp_path / 'b' / 'robust_masks.npz')['pgd@0.1'])
+  leaves = lambda d: jax.tree.leaves(experiment.load_run(tmp_path / d).params)
+  for a, b in zip(leaves('a'), leaves('b')):
+    np.testing.assert_array_equal(a, b)
+  experiment.run_experiment(config_lib.apply_overrides(cfg, [('train.epochs', '1'), ('train.lr', '0')]),
+                            tmp_path / 'c', tiny_mnist_dir, log=lambda s: None)
+  assert any(not np.array_equal(a, c) for a, c in zip(leaves('a'), leaves('c')))  # from an init: another model
+  with pytest.raises(config_lib.ConfigError, match="init_from='/nowhere': no run"):
+    experiment.run_experiment(config_lib.apply_overrides(cfg, [('init_from', '/nowhere')]), tmp_path / 'd',
+                              tiny_mnist_dir, log=lambda s: None)

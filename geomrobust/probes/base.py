@@ -32,7 +32,8 @@ class ProbeInput:
     eval_x: float32 ``[N, ...]``: the evaluation examples (first N test examples).
     eval_y: int32 ``[N]``.
     train_x, train_y, test_x, test_y: the training data and the per-epoch
-      test split, as stored (uint8 images or float; see ``data.to_float``).
+      test split, as stored (uint8 images or float; ``data.source.to_model_input``
+      converts); ``train_x`` is None for generated data.
     box: the valid input range ``(lo, hi)``, or None when unbounded.
     key: this probe's key (derived from ``eval.seed`` and the probe's name).
     adversarial: ``(attack, eps) -> float32 [N, ...]`` adversarial examples of

@@ -11,8 +11,9 @@ Options (``config.probes.pair_distances``):
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from geomrobust import data as data_lib
+from geomrobust.data import source as source_lib
 from geomrobust.geometry import pairs
 from geomrobust.probes import base
 
@@ -30,20 +31,23 @@ class PairDistances(base.Probe):
     target = base.option_from_config(inp.config, str(self.options.get('target_key', 'method.d_f')), None)
     out = {'target': None if target is None else float(target)}
     for split, (x, y) in {'train': (inp.train_x, inp.train_y), 'test': (inp.test_x, inp.test_y)}.items():
-      out[split] = pairs.layer_pair_distances(fn(inp.params, data_lib.to_float(x[:n])), y[:n])
+      if x is not None:  # generated data has no stored training set
+        out[split] = pairs.layer_pair_distances(fn(inp.params, source_lib.to_model_input(jnp.asarray(x[:n]))), y[:n])
     return out
 
   def summary(self, out: dict) -> dict[str, float]:
-    return {'boson_distance': out['test'][-1]['boson_distance'],
-            'fermion_distance': out['test'][-1]['fermion_distance'],
-            'boson_distance_train': out['train'][-1]['boson_distance'],
-            'fermion_distance_train': out['train'][-1]['fermion_distance']}
+    out_ = {'boson_distance': out['test'][-1]['boson_distance'],
+            'fermion_distance': out['test'][-1]['fermion_distance']}
+    if 'train' in out:
+      out_.update(boson_distance_train=out['train'][-1]['boson_distance'],
+                  fermion_distance_train=out['train'][-1]['fermion_distance'])
+    return out_
 
   def report(self, out: dict, workdir) -> list[str]:
     target = '' if out.get('target') is None else f' (target fermion distance {out["target"]:g})'
     lines = [f'## Pair distances ||h_i - h_j||^2 / N{target}', '',
              '| layer | boson (test) | fermion (test) | boson (train) | fermion (train) |', '|---|---|---|---|---|']
-    for te, tr in zip(out['test'], out['train']):
+    for te, tr in zip(out['test'], out.get('train', out['test'])):
       lines.append(f'| {te["layer"]} | {te["boson_distance"]:.4f} | {te["fermion_distance"]:.4f} | '
                    f'{tr["boson_distance"]:.4f} | {tr["fermion_distance"]:.4f} |')
     return lines + ['']
