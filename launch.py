@@ -2,7 +2,7 @@
 
   python launch.py --list
   python launch.py --experiment=isometric_mnist --data_dir=../shared/data
-  python launch.py --experiment=isometric_mnist --config.train.epochs=10 --config.only=ce,beta_0.1
+  python launch.py --experiment=isometric_mnist --config.train.epochs=10 --config.only=ce,beta_1e-1
   python launch.py --experiment=isometric_mnist --smoke          # sub-minute CPU run of the whole path
   python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
   python launch.py --experiment=madry_mnist --setting=full        # a named setting (paper-sized run)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -65,11 +66,27 @@ def test_missing_data_says_which_files_and_where(tmp_path):
   assert not (tmp_path / 'w' / 'results.json').exists()
 
 
-def test_changed_config_on_an_existing_workdir_is_refused(shared_data_dir, tmp_path):
-  # A completed tiny run, then the same workdir with another learning rate.
+@pytest.fixture(scope='module')
+def _trained_family(shared_data_dir, tmp_path_factory):
+  """One finished isometric smoke family (ce, beta_1e-3), trained once for the tests below."""
   cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
-  cfg.only = 'ce'
-  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+  cfg.only = 'ce,beta_1e-3'
+  workdir = tmp_path_factory.mktemp('family')
+  experiment.run_experiment(cfg, workdir, shared_data_dir, log=lambda s: None)
+  return cfg, workdir
+
+
+@pytest.fixture
+def trained_family(_trained_family, tmp_path):
+  """A private copy of the finished family (tests may rewrite it)."""
+  cfg, src = _trained_family
+  shutil.copytree(src, tmp_path, dirs_exist_ok=True)
+  return cfg, tmp_path
+
+
+def test_changed_config_on_an_existing_workdir_is_refused(trained_family, shared_data_dir):
+  # A completed tiny run, then the same workdir with another learning rate.
+  _, tmp_path = trained_family
   before = (tmp_path / 'ce' / 'results.json').read_text()
   proc = launch('--experiment=isometric_mnist', '--smoke', '--config.only=ce', '--config.train.lr=0.5',
                 f'--data_dir={shared_data_dir}', f'--workdir={tmp_path}')
@@ -114,10 +131,8 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
   assert out.shape == (1, 10) and bool(jnp.all(jnp.isfinite(out)))
 
 
-def test_load_run_gives_a_pure_jax_classifier(shared_data_dir, tmp_path):
-  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
-  cfg.only = 'ce,beta_1e-3'
-  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+def test_load_run_gives_a_pure_jax_classifier(trained_family, shared_data_dir):
+  cfg, tmp_path = trained_family
   with pytest.raises(ValueError, match='holds several models.*ce, beta_1e-3'):
     geomrobust.load_run(tmp_path)
   run = geomrobust.load_run(tmp_path, 'ce')
@@ -134,10 +149,8 @@ def test_load_run_gives_a_pure_jax_classifier(shared_data_dir, tmp_path):
   assert g.shape == x.shape
 
 
-def test_evaluate_reuses_the_trained_run(shared_data_dir, tmp_path):
-  cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
-  cfg.only = 'ce'
-  experiment.run_experiment(cfg, tmp_path, shared_data_dir, log=lambda s: None)
+def test_evaluate_reuses_the_trained_run(trained_family, shared_data_dir):
+  _, tmp_path = trained_family
   proc = launch(f'--evaluate={tmp_path}', '--config.eval.eps=0,0.2', '--config.eval.attacks=pgd',
                 f'--data_dir={shared_data_dir}')
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -229,6 +229,7 @@ def test_a_sweep_trained_one_by_one_equals_the_stacked_sweep(tmp_path, tiny_mnis
   cfg = config_lib.load_experiment('local_contrastive_mnist')
   cfg = config_lib.apply_overrides(config_lib.smoke(cfg), [
       ('data.verify', 'false'), ('data.train_per_class', '0'), ('data.test_per_class', '0'),
+      ('data.train_examples', '128'), ('sweep.screen_examples', '32'), ('probes.fgsm_noise_areas.examples', '32'),
       ('model.hidden', '16'), ('train.epochs', '1'), ('method.readout_epochs', '2'), ('sweep.seeds', '1'),
       ('sweep.baseline', ''), ('sweep.strong', 'best:r_fgsm'), ('sweep.mean_last_epochs', '2'),
       ('eval.eps', '0.1'), ('eval.attacks', 'fgsm,pgd'), ('eval.sanity', 'false')])
