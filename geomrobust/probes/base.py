@@ -68,6 +68,19 @@ class Probe:
   def __init__(self, name: str, options: ml_collections.ConfigDict):
     self.name = name
     self.options = options
+    self._compiled: dict = {}   # jitted functions of this probe object (no module-level cache)
+
+  def compiled(self, key, build: Callable[[], Callable]) -> Callable:
+    """``build()``'s function, built once per ``key`` (e.g. ``method.classifier_key()``)."""
+    if key not in self._compiled:
+      self._compiled[key] = build()
+    return self._compiled[key]
+
+  def representations(self, inp: ProbeInput, x) -> tuple:
+    """The model's per-layer representations of ``x`` (float32 ``[N, ...]``), jitted once per classifier."""
+    method = inp.method
+    fn = self.compiled(('reps', method.classifier_key()), lambda: jax.jit(lambda p, xx: method.apply(p, xx)[1]))
+    return fn(inp.params, x)
 
   def adversarial_requests(self, config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
     """``[(attack, eps)]`` whose adversarial examples this probe wants from the evaluation."""

@@ -64,17 +64,13 @@ def curve_area(eps, accuracy) -> float:
 class FgsmNoiseAreas(base.Probe):
   kind = 'protocol'
 
-  def __init__(self, name, options):
-    super().__init__(name, options)
-    self._curves = {}
-
   def __call__(self, inp: base.ProbeInput) -> dict:
     if inp.method.stochastic:
       raise ValueError(f'probe {self.name}: the paper protocol is for deterministic classifiers')
     n = min(int(self.options.get('examples', 1000)), len(inp.eval_y))
     eps = eps_grid(float(self.options.get('eps_step', 0.01)), float(self.options.get('eps_max', 0.79)))
     method = inp.method
-    fn = self._curves.setdefault(method.classifier_key(), accuracy_curves_fn(lambda p, x: method.logits(p, x)))
+    fn = self.compiled(method.classifier_key(), lambda: accuracy_curves_fn(lambda p, x: method.logits(p, x)))
     fgsm, noise = fn(inp.params, jnp.asarray(inp.eval_x[:n], jnp.float32), jnp.asarray(inp.eval_y[:n], jnp.int32),
                      jnp.asarray(eps), jax.random.key(int(inp.config.eval.seed)))
     fgsm, noise = np.asarray(fgsm, np.float64), np.asarray(noise, np.float64)

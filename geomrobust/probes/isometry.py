@@ -13,8 +13,6 @@ Options (``config.probes.isometry``):
 
 from __future__ import annotations
 
-import jax
-
 from geomrobust.geometry import isometry
 from geomrobust.probes import base
 
@@ -22,15 +20,10 @@ from geomrobust.probes import base
 class Isometry(base.Probe):
   kind = 'geometry'
 
-  def __init__(self, name, options):
-    super().__init__(name, options)
-    self._reps = {}
-
   def __call__(self, inp: base.ProbeInput) -> dict:
     n = min(int(self.options.get('examples', 2000)), len(inp.eval_y))
     k = float(base.option_from_config(inp.config, str(self.options.get('scale_key', 'method.k')), 1.0))
-    fn = self._reps.setdefault(inp.method.classifier_key(), jax.jit(lambda p, x, m=inp.method: m.apply(p, x)[1]))
-    reps = fn(inp.params, inp.eval_x[:n])
+    reps = self.representations(inp, inp.eval_x[:n])
     return isometry.isometry_diagnostics(inp.eval_x[:n], reps, inp.eval_y[:n], inp.method.num_classes, k=k,
                                          per_class=int(self.options.get('per_class', 200)))
 

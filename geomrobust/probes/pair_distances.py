@@ -10,7 +10,6 @@ Options (``config.probes.pair_distances``):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from geomrobust.data import source as source_lib
@@ -21,18 +20,14 @@ from geomrobust.probes import base
 class PairDistances(base.Probe):
   kind = 'geometry'
 
-  def __init__(self, name, options):
-    super().__init__(name, options)
-    self._reps = {}
-
   def __call__(self, inp: base.ProbeInput) -> dict:
     n = int(self.options.get('examples', 1000))
-    fn = self._reps.setdefault(inp.method.classifier_key(), jax.jit(lambda p, x, m=inp.method: m.apply(p, x)[1]))
     target = base.option_from_config(inp.config, str(self.options.get('target_key', 'method.d_f')), None)
     out = {'target': None if target is None else float(target)}
     for split, (x, y) in {'train': (inp.train_x, inp.train_y), 'test': (inp.test_x, inp.test_y)}.items():
       if x is not None:  # generated data has no stored training set
-        out[split] = pairs.layer_pair_distances(fn(inp.params, source_lib.to_model_input(jnp.asarray(x[:n]))), y[:n])
+        reps = self.representations(inp, source_lib.to_model_input(jnp.asarray(x[:n])))
+        out[split] = pairs.layer_pair_distances(reps, y[:n])
     return out
 
   def summary(self, out: dict) -> dict[str, float]:

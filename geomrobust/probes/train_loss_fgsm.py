@@ -22,10 +22,6 @@ from geomrobust.probes import base
 class TrainLossFgsm(base.Probe):
   kind = 'protocol'
 
-  def __init__(self, name, options):
-    super().__init__(name, options)
-    self._fns = {}
-
   def _fn(self, method, box):
     loss_fn = method.phases()[-1].loss_fn
     hp = method.hparams()
@@ -51,7 +47,7 @@ class TrainLossFgsm(base.Probe):
       return {}
     x = jnp.asarray(inp.eval_x[:n]).reshape((n // bs, bs) + inp.eval_x.shape[1:])
     y = jnp.asarray(inp.eval_y[:n]).reshape(n // bs, bs)
-    fn = self._fns.setdefault((inp.method, inp.box), self._fn(inp.method, inp.box))
+    fn = self.compiled((inp.method, inp.box), lambda: self._fn(inp.method, inp.box))
     rows = [dict(attack='fgsm_train_loss', eps=float(e),
                  accuracy=float(fn(inp.params, x, y, jnp.float32(e), inp.key)))
             for e in (self.options.get('eps') or inp.config.eval.eps)]
