@@ -502,8 +502,16 @@ def test_traced_eps_compiles_once():
     _assert_feasible(attack(x, y, _key(1), eps), x, eps, 'linf')
 
   # make_attack: params and eps are arguments, so new values reuse the program.
-  run = A.make_attack('apgd', lambda params, v, rng: v @ params, steps=4, norm='l2')
+  traces = []
+
+  def linear(params, v, rng):  # runs once per trace of the attack program
+    traces.append(1)
+    return v @ params
+
+  run = A.make_attack('apgd', linear, steps=4, norm='l2')
   for seed, eps in enumerate([0.0, 0.5, 1.0]):
     params = jnp.asarray(np.random.default_rng(seed).standard_normal((12, 3)), jnp.float32)
     _assert_feasible(run(params, x, y, _key(1), eps), x, eps, 'l2')
-  assert run._cache_size() == 1
+    if seed == 0:
+      first = len(traces)
+  assert first > 0 and len(traces) == first  # new params and eps: no retrace

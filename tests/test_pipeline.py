@@ -289,3 +289,36 @@ def test_init_from_starts_from_another_runs_weights(tmp_path, tiny_mnist_dir):
   with pytest.raises(config_lib.ConfigError, match="init_from='/nowhere': no run"):
     experiment.run_experiment(config_lib.apply_overrides(cfg, [('init_from', '/nowhere')]), tmp_path / 'd',
                               tiny_mnist_dir, log=lambda s: None)
+
+
+def test_sweep_tables_group_by_value_and_pick_strong_members_by_role():
+  from geomrobust import tables
+
+  class G:  # stand-ins for members.Group / Member: only what tables reads
+    def __init__(self, role):
+      self.role = role
+
+  class M:
+    def __init__(self, name, role, value, seed):
+      self.name, self.group, self.value, self.seed = name, G(role), value, seed
+
+  rows = [dict(name=f'v{v}_s{s}', d_f=v, seed=s, clean_accuracy=c, pgd_accuracy=None, pgd_eps=0.05, pgd_profile='quick',
+               r_fgsm=r)
+          for v, s, c, r in [(0.0, 0, 0.5, 9.0), (0.0, 1, 0.7, 11.0), (0.5, 0, 0.8, 2.0), (0.5, 1, 0.9, 4.0)]]
+  summary = tables.summarize(rows, 'd_f')
+  assert [s['d_f'] for s in summary] == [0.0, 0.5]
+  assert summary[0]['clean_accuracy'] == pytest.approx(0.6) and summary[0]['clean_accuracy_std'] == pytest.approx(0.1)
+  assert summary[1]['r_fgsm'] == pytest.approx(3.0) and summary[0]['pgd_accuracy'] is None
+  assert tables.row_keys(rows, 'd_f') == ['clean_accuracy', 'pgd_accuracy', 'r_fgsm']
+  all_members = [M(r['name'], 'sweep', r['d_f'], r['seed']) for r in rows] + [M('mlp_s0', 'baseline', None, 0),
+                                                                              M('mlp_s1', 'baseline', None, 1)]
+  cfg = ml_collections.ConfigDict(dict(sweep=dict(hparam='d_f', strong=('baseline', 'best:clean_accuracy',
+                                                                        'best:r_fgsm', 'best:nope'),
+                                                  strong_seeds=1)))
+  picks = [(role, m.name) for role, m in tables.strong_members(cfg, summary, all_members)]
+  # The best mean per column (first seed of it), the baseline's first seed; an unknown column picks nobody.
+  assert picks == [('baseline', 'mlp_s0'), ('best:clean_accuracy', 'v0.5_s0'), ('best:r_fgsm', 'v0.0_s0')]
+  cfg.sweep.strong_seeds = 2
+  assert len(tables.strong_members(cfg, summary, all_members)) == 6
+  base = tables.baseline_entry([dict(rows[0], name='mlp_seed0'), dict(rows[1], name='mlp_seed1')], 'd_f')
+  assert base['name'] == 'mlp' and base['clean_accuracy'] == pytest.approx(0.6) and base['seeds'] == [0, 1]
