@@ -134,15 +134,21 @@ def init_params_from(spec: str):
   if not (run_dir / 'config.json').exists():
     raise config_lib.ConfigError(f'init_from={spec!r}: no run in {run_dir} (config.json missing); give a trained '
                                  "run's folder, e.g. runs/standard_mnist or runs/isometric_mnist/ce")
-  if not phase:
-    return load_run(run_dir).params
+  return restore_member_params(run_dir, phase=phase or None)[0]
+
+
+def restore_member_params(run_dir: pathlib.Path, *, phase: str | None = None):
+  """``(params, epoch)`` of one run folder: its own checkpoint, or its slice
+  ``[seed_index, value_index]`` of a stacked group's checkpoint when the
+  folder holds the manifest ``sweep_member.json``. ``phase``: that phase's
+  end snapshot instead of the last checkpoint."""
   if (run_dir / MEMBER_FILE).exists():
     info = runio.read_json(run_dir / MEMBER_FILE)
-    stacked, _ = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'], phase=phase)
+    stacked, epoch = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'], phase=phase)
     params = jax.tree.map(lambda a: a[info['seed_index'], info['value_index']], stacked)
   else:
-    params, _ = loop.restore_params(run_dir, phase=phase)
-  return jax.tree.map(jnp.asarray, params)
+    params, epoch = loop.restore_params(run_dir, phase=phase)
+  return jax.tree.map(jnp.asarray, params), epoch
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -289,33 +295,16 @@ def load_run(workdir: str | pathlib.Path, member: str | None = None) -> Run:
   workdir = pathlib.Path(workdir)
   if member:
     workdir = workdir / member
-  if (workdir / MEMBER_FILE).exists():
-    # A member of a stacked group: its params are a slice of the group's checkpoint.
-    return _load_slice(workdir)
   cfg_path = workdir / 'config.json'
   if not cfg_path.exists():
     raise FileNotFoundError(f'no run in {workdir} (config.json missing)')
   config = config_lib.with_defaults(runio.read_json(cfg_path))
-  if not (workdir / 'checkpoints').exists():
+  if not (workdir / 'checkpoints').exists() and not (workdir / MEMBER_FILE).exists():
     names = member_names(workdir)
     if names:
       raise ValueError(f'{workdir} holds several models; call load_run({str(workdir)!r}, member) with member '
                        f'one of: {", ".join(names)}')
     raise FileNotFoundError(f'no checkpoints in {workdir}: the run has not trained an epoch yet')
   num_classes = data_lib.get_spec(config.dataset).num_classes
-  method = _build(config, num_classes)
-  params, epoch = loop.restore_params(workdir)
-  return Run(workdir=workdir, config=config, params=jax.tree.map(jnp.asarray, params), method=method, epoch=epoch)
-
-
-
-
-def _load_slice(run_dir: pathlib.Path) -> Run:
-  """``Run`` of a member whose params are a slice ``[seed_index, value_index]``
-  of a stacked checkpoint (the manifest ``sweep_member.json`` says where)."""
-  info = runio.read_json(run_dir / MEMBER_FILE)
-  config = config_lib.with_defaults(runio.read_json(run_dir / 'config.json'))
-  stacked, epoch = sweep_lib.restore_stacked_params(run_dir.parent / info['group_dir'])
-  params = jax.tree.map(lambda a: jnp.asarray(a[info['seed_index'], info['value_index']]), stacked)
-  num_classes = data_lib.get_spec(config.dataset).num_classes
-  return Run(workdir=run_dir, config=config, params=params, method=_build(config, num_classes), epoch=epoch)
+  params, epoch = restore_member_params(workdir)
+  return Run(workdir=workdir, config=config, params=params, method=_build(config, num_classes), epoch=epoch)
