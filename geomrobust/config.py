@@ -4,19 +4,30 @@ An experiment is a Python file ``experiments/<name>.py`` with ``get_config()``
 returning an ``ml_collections.ConfigDict`` and a module docstring that holds its
 COMMAND, expected runtime and expected result (big_vision style).
 
+An experiment name is a registry name (letters, digits, ``_``), never a path:
+it is looked up in ``experiments/`` and, when given, a user folder
+(``experiments_dir``); no other file is ever executed.
+
 Overrides are parsed here rather than by ``ml_collections.config_flags`` so that
 every bad override is one actionable line (an unknown key lists the valid keys,
-a bad value names the expected type) instead of a traceback.
+a bad value names the expected type) instead of a traceback. Every numeric
+field has a valid range (``BOUNDS`` here; the open sections' owners declare
+theirs, see ``field_bounds``): an override is range-checked at once, and the
+whole config by ``check_values`` (``members.validate``) before any data is loaded.
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import importlib.util
 import json
+import math
+import numbers
 import pathlib
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -136,37 +147,291 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------------
-# The experiment registry: experiments/<name>.py
+# Valid ranges of numeric fields, checked before any data is loaded
 # --------------------------------------------------------------------------
 
 
-def list_experiments(experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> list[str]:
-  return sorted(p.stem for p in experiments_dir.glob('*.py') if not p.stem.startswith('_'))
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The valid values of a numeric field (of each entry, for a sequence).
+
+  ``lo`` / ``hi``: bounds (None = unbounded), excluded when ``lo_open`` /
+  ``hi_open``; ``integer``: whole numbers only. inf and NaN are never valid.
+  ``example``: a valid value error messages suggest (default: the field's
+  value before the bad override, its ``default_config()`` value, or a bound).
+  Build with :func:`integer` and :func:`number`.
+  """
+
+  lo: float | None = None
+  hi: float | None = None
+  integer: bool = False
+  lo_open: bool = False
+  hi_open: bool = False
+  example: Any = None
+
+  def __contains__(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+      return False
+    if not isinstance(value, numbers.Integral):
+      value = float(value)
+      if not math.isfinite(value) or (self.integer and not value.is_integer()):
+        return False
+    if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+      return False
+    return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+  def describe(self) -> str:
+    kind = 'an integer' if self.integer else 'a number'
+    if self.lo is not None and self.hi is not None:
+      return (f'{kind} in {"(" if self.lo_open else "["}{self.lo:g}, {self.hi:g}{")" if self.hi_open else "]"}')
+    if self.lo is not None:
+      return f'{kind} {">" if self.lo_open else ">="} {self.lo:g}'
+    if self.hi is not None:
+      return f'{kind} {"<" if self.hi_open else "<="} {self.hi:g}'
+    return kind if self.integer else 'a finite number'
+
+  def suggest(self):
+    """A valid value at (or next to) a bound, for messages when nothing better is known."""
+    cast = int if self.integer else float
+    if self.lo is not None:
+      v = self.lo + 1 if self.lo_open else self.lo
+      return cast(v) if v in self else cast((self.lo + self.hi) / 2)
+    if self.hi is not None:
+      return cast(self.hi - 1 if self.hi_open else self.hi)
+    return cast(0)
 
 
-def _load_module(name: str, experiments_dir: pathlib.Path):
-  path = experiments_dir / f'{name}.py'
-  if not path.is_file():
-    raise ConfigError(f'unknown experiment {name!r}; available: {", ".join(list_experiments(experiments_dir))} '
+def integer(lo: int | None = None, hi: int | None = None, *, example=None) -> Range:
+  """Whole numbers in ``[lo, hi]`` (a bound of None is open-ended)."""
+  return Range(lo, hi, integer=True, example=example)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, above: float | None = None,
+           below: float | None = None, example=None) -> Range:
+  """Finite numbers ``>= lo`` (or ``> above``) and ``<= hi`` (or ``< below``)."""
+  return Range(above if above is not None else lo, below if below is not None else hi, integer=False,
+               lo_open=above is not None, hi_open=below is not None, example=example)
+
+
+# The fields of default_config(). The open sections bring their own tables:
+# each method class's and probe class's BOUNDS, each model module's BOUNDS
+# (``geomrobust.models.model_bounds``), a generated dataset's ``bounds`` and
+# the sweep section's ``members.SWEEP_BOUNDS``; ``field_bounds`` gathers them.
+BOUNDS: dict[str, Range] = {
+    'seed': integer(0),
+    'data.train_examples': integer(0), 'data.train_per_class': integer(0),
+    'data.test_examples': integer(0), 'data.test_per_class': integer(0),
+    'train.epochs': integer(1),
+    'train.batch_size': integer(1),
+    'train.lr': number(0),                  # 0 is allowed: a frozen pass (e.g. init_from, phases' own lr)
+    'train.momentum': number(0, below=1),
+    'train.weight_decay': number(0),
+    'train.lr_milestones': integer(1),      # each milestone
+    'train.lr_decay': number(above=0),
+    'train.checkpoint_every': integer(1),
+    'train.eval_every': integer(0),
+    'train.steps_per_log': integer(1),
+    'eval.num_examples': integer(0),
+    'eval.batch_size': integer(1),
+    'eval.eps': number(0),                  # each eps
+    'eval.pgd_steps': integer(0), 'eval.pgd_restarts': integer(0), 'eval.pgd_step_size': number(0),
+    'eval.apgd_steps': integer(0), 'eval.apgd_restarts': integer(0),
+    'eval.noise_samples': integer(0),
+    'eval.eot_samples': integer(1),
+    'eval.large_eps': number(0),
+    'eval.check_eps': number(0),
+    'eval.trajectories': integer(0),
+    'eval.seed': integer(0),
+    'parallel.num_devices': integer(0),
+}
+
+
+def field_bounds(config: ml_collections.ConfigDict) -> dict[str, Range]:
+  """Every bounded field of ``config`` (dotted key -> Range): :data:`BOUNDS`
+  plus those of the chosen method, model, probes and generated dataset, the
+  sweep section's, and ``sweep.grid`` (each value) with ``method.<sweep.hparam>``'s.
+  An unknown method / model / probe / dataset adds nothing (validation names it)."""
+  from geomrobust import methods, models, probes  # here: their modules import this one
+  from geomrobust.data import generated
+
+  out = dict(BOUNDS)
+
+  def add(prefix: str, table: Mapping[str, Range] | None) -> None:
+    out.update({f'{prefix}.{k}': r for k, r in (table or {}).items()})
+
+  def name_of(section: str):
+    node = config.get(section)
+    return str(node.get('name', '')) if isinstance(node, ml_collections.ConfigDict) else ''
+
+  try:
+    add('method', methods.get_method_class(name_of('method')).BOUNDS)
+  except ValueError:
+    pass
+  add('model', models.model_bounds(name_of('model')))
+  for probe in (config.get('probes') or {}):
+    try:
+      add(f'probes.{probe}', probes.get_probe_class(probe).BOUNDS)
+    except ValueError:
+      pass
+  spec = generated.GENERATORS.get(str(config.get('dataset', '')))
+  if spec is not None:
+    add(f'data.{spec.name}', spec.bounds)
+  if isinstance(config.get('sweep'), ml_collections.ConfigDict):
+    from geomrobust import members
+    add('sweep', members.SWEEP_BOUNDS)
+    hparam = out.get(f'method.{config.sweep.get("hparam", "")}')
+    if hparam is not None:
+      out['sweep.grid'] = hparam
+  return out
+
+
+def _show(value) -> str:
+  """A value as it would be written after ``--config.key=``."""
+  if isinstance(value, (tuple, list)):
+    return ','.join(_show(v) for v in value)
+  return f'{value:g}' if isinstance(value, float) else str(value)
+
+
+def _is_valid(value, rng: Range) -> bool:
+  values = value if isinstance(value, (tuple, list)) else (value,)
+  return all(v in rng for v in values)
+
+
+def check_value(key: str, value, rng: Range, *, text: str | None = None, where: str = '',
+                examples: Iterable = ()) -> None:
+  """Raises a one-line ConfigError unless ``value`` (each entry of a sequence)
+  is in ``rng``: the field, the bad value, the valid range and a fix.
+
+  ``text``: the value as the user wrote it; ``where``: '' for the command line
+  (the message says ``--config.key=text``), else e.g. ``"member 'x'"``;
+  ``examples``: candidate fixes, the first valid one is suggested.
+  """
+  if _is_valid(value, rng):
+    return
+  seq = isinstance(value, (tuple, list))
+  example = rng.suggest()
+  for candidate in (*examples, rng.example):
+    if candidate is not None and _is_valid(candidate, rng) and (not seq or candidate):
+      example = candidate
+      break
+  if seq:
+    example = tuple(example)[:3] if isinstance(example, (tuple, list)) else (example,)
+  shown = f'{key}={_show(value) if text is None else text}'
+  fix = f'{key}={_show(example)}'
+  if not where:
+    shown, fix = (f'--config.{shown}' if text is not None else shown), f'--config.{fix}'
+  else:
+    shown = f'{where}: {shown}'
+  must = 'each entry must be' if seq else 'must be'
+  values = value if seq else (value,)
+  numeric = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+  raise ConfigError(f'{shown} {"is out of range" if numeric else "is not a number"}: {must} {rng.describe()} '
+                    f'(e.g. {fix})')
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  """``(True, value)`` at dotted ``key``, or ``(False, None)`` when absent."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False, None
+    node = node[part]
+  return True, node
+
+
+def check_fields(section: Mapping, bounds: Mapping[str, Range], prefix: str) -> None:
+  """Checks the fields of one section (e.g. ``config.method`` against a
+  method's BOUNDS, named ``prefix.field``); absent fields are not checked."""
+  for key, rng in bounds.items():
+    if key in section:
+      check_value(f'{prefix}.{key}', section[key], rng)
+
+
+def check_values(config: ml_collections.ConfigDict, where: str = '') -> None:
+  """Every bounded numeric field of ``config`` in its range (see
+  :func:`field_bounds`), else one ConfigError line naming the field, the bad
+  value, the range and an example fix. Cheap: no data, no model."""
+  for key, rng in field_bounds(config).items():
+    found, value = _get(config, key)
+    if found and not _is_valid(value, rng):
+      check_value(key, value, rng, where=where, examples=[_get(default_config(), key)[1]])
+
+
+# --------------------------------------------------------------------------
+# The experiment registry: experiments/<name>.py (and an optional user folder)
+# --------------------------------------------------------------------------
+
+# A registry name: what --list prints; never a path (checked before any file runs).
+_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_]*')
+
+
+def _registries(experiments_dir: pathlib.Path | str | None) -> list[pathlib.Path]:
+  """The built-in registry, then ``experiments_dir`` (a user folder) when given."""
+  folders = [EXPERIMENTS_DIR.resolve()]
+  if experiments_dir is not None:
+    extra = pathlib.Path(experiments_dir).expanduser().resolve()
+    if not extra.is_dir():
+      raise ConfigError(f'experiments folder {str(experiments_dir)!r} does not exist (pass a folder of '
+                        'experiment files, e.g. --experiments_dir=my_experiments)')
+    if extra not in folders:
+      folders.append(extra)
+  return folders
+
+
+def _registry_files(experiments_dir: pathlib.Path | str | None) -> dict[str, pathlib.Path]:
+  """``{name: file}`` over the registries; a name defined twice is an error naming both files."""
+  found: dict[str, pathlib.Path] = {}
+  for folder in _registries(experiments_dir):
+    for path in sorted(folder.glob('*.py')):
+      if not _NAME.fullmatch(path.stem):
+        continue  # _helpers.py and names that are not registry names
+      if path.stem in found:
+        raise ConfigError(f'experiment {path.stem!r} is defined twice: {found[path.stem]} and {path}; '
+                          'rename one of them')
+      found[path.stem] = path
+  return found
+
+
+def list_experiments(experiments_dir: pathlib.Path | str | None = None) -> list[str]:
+  """Experiment names: ``experiments/*.py``, plus ``experiments_dir/*.py`` when given."""
+  return sorted(_registry_files(experiments_dir))
+
+
+def _load_module(name: str, experiments_dir: pathlib.Path | str | None = None):
+  # The name is checked before any file is looked up, let alone executed: a
+  # path ('../x', '/abs/x') never reaches exec_module.
+  if not isinstance(name, str) or not _NAME.fullmatch(name):
+    raise ConfigError(f'bad experiment name {name!r}: a name is letters, digits and _ as --list prints it, '
+                      'not a path (to run your own experiment file, put it in a folder and pass '
+                      '--experiments_dir=FOLDER --experiment=NAME)')
+  files = _registry_files(experiments_dir)
+  if name not in files:
+    raise ConfigError(f'unknown experiment {name!r}; available: {", ".join(sorted(files))} '
                       '(python launch.py --list describes them)')
+  path = files[name].resolve()
+  if not any(path.parent == folder for folder in _registries(experiments_dir)):
+    # e.g. a symlink in the folder pointing elsewhere
+    raise ConfigError(f'experiment {name!r} resolves to {path}, outside the experiment folders')
   spec = importlib.util.spec_from_file_location(f'geomrobust_experiments.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-def experiment_summary(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> str:
+def experiment_summary(name: str, experiments_dir: pathlib.Path | str | None = None) -> str:
   """First docstring line of an experiment (what ``--list`` prints)."""
   doc = (_load_module(name, experiments_dir).__doc__ or '').strip()
   return doc.splitlines()[0] if doc else '(no description)'
 
 
-def experiment_doc(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> str:
+def experiment_doc(name: str, experiments_dir: pathlib.Path | str | None = None) -> str:
   return (_load_module(name, experiments_dir).__doc__ or '').strip()
 
 
-def load_experiment(name: str, experiments_dir: pathlib.Path = EXPERIMENTS_DIR) -> ml_collections.ConfigDict:
-  """Returns ``experiments/<name>.py:get_config()`` with ``experiment`` set."""
+def load_experiment(name: str, experiments_dir: pathlib.Path | str | None = None) -> ml_collections.ConfigDict:
+  """Returns ``<name>.py:get_config()`` with ``experiment`` set; ``name`` is
+  looked up in ``experiments/`` and, when given, the user folder
+  ``experiments_dir`` (a name in both is an error)."""
   config = _load_module(name, experiments_dir).get_config()
   with config.unlocked():
     config.experiment = name
@@ -258,14 +523,19 @@ def _section_value(text: str):
   return ml_collections.ConfigDict(value)
 
 
-def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, may_add: bool = False) -> None:
-  """Sets ``config.<key>`` from the string ``text``, type-checked.
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, may_add: bool = False,
+                   where: str = '') -> None:
+  """Sets ``config.<key>`` from the string ``text``, type- and range-checked.
 
   ``key=value`` is the one override syntax (``--config.key=value``, members,
   settings and smoke all use it). A key naming a section takes a dict literal
   and replaces the section. A new key is accepted only with ``may_add`` (its
   section is being re-chosen, see ``OPEN_SECTIONS``); its type is the literal's.
+  A value outside its field's range (``field_bounds``) is refused at once.
+  ``where``: what the override came from in messages ('' = the command line,
+  e.g. ``"member 'x'"``).
   """
+  origin = f'--config.{key}' if not where else f'{key} ({where})'
   parts = key.split('.')
   node = config
   for i, part in enumerate(parts[:-1]):
@@ -278,6 +548,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, ma
   leaf = parts[-1]
   if not isinstance(node, ml_collections.ConfigDict):
     raise ConfigError(f'unknown config key {key!r}; valid keys: {", ".join(_flat_keys(config))}')
+  previous = node.get(leaf)
   if leaf not in node:
     if not may_add:
       hint = ''
@@ -287,25 +558,42 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str, *, ma
       raise ConfigError(f'unknown config key {key!r}{hint}; valid keys: {", ".join(_flat_keys(config))}')
     with node.unlocked():
       node[leaf] = _literal(text)
-    return
-  like = node[leaf]
-  if isinstance(like, ml_collections.ConfigDict):
+  elif isinstance(previous, ml_collections.ConfigDict):
     try:
       value = _section_value(text)
     except ValueError:
-      sub = ', '.join(f'{key}.{k}' for k in _flat_keys(like))
+      sub = ', '.join(f'{key}.{k}' for k in _flat_keys(previous))
       raise ConfigError(f'{key!r} is a group, not a value; set one of: {sub}, or replace the whole section with '
                         f'a dict: {key}={{"name": ..., ...}}') from None
     with node.ignore_type():
       node[leaf] = value
+  else:
+    try:
+      value = _coerce(_literal(text) if not isinstance(previous, str) else text, previous)
+    except ValueError as e:
+      raise ConfigError(f'bad value {text!r} for {origin}: {e} (the field is a {_type_name(previous)}, '
+                        f'currently {previous!r})') from None
+    with node.ignore_type():
+      node[leaf] = value
+  _check_override(config, key, text, where, previous)
+
+
+def _check_override(config: ml_collections.ConfigDict, key: str, text: str, where: str, previous) -> None:
+  """The range check of one override: the field itself, or every bounded field of a replaced section."""
+  # Only the open sections (and the sweep's) need the owners' tables.
+  bounds = field_bounds(config) if key.split('.')[0] in OPEN_SECTIONS + ('sweep',) else BOUNDS
+  if key in bounds:
+    value = _get(config, key)[1]
+    if not _is_valid(value, bounds[key]):
+      check_value(key, value, bounds[key], text=text, where=where,
+                  examples=[previous, _get(default_config(), key)[1]])
     return
-  try:
-    value = _coerce(_literal(text) if not isinstance(like, str) else text, like)
-  except ValueError as e:
-    raise ConfigError(f'bad value {text!r} for --config.{key}: {e} (the field is a {_type_name(like)}, '
-                      f'currently {like!r})') from None
-  with node.ignore_type():
-    node[leaf] = value
+  for sub, rng in bounds.items():
+    if sub.startswith(key + '.'):
+      found, value = _get(config, sub)
+      if found and not _is_valid(value, rng):
+        check_value(sub, value, rng, where=where or f'--config.{key}={{...}}',
+                    examples=[_get(default_config(), sub)[1]])
 
 
 def parse_assignment(item: str, where: str) -> tuple[str, str]:
@@ -331,9 +619,11 @@ def split_override_args(argv: Iterable[str]) -> tuple[list[str], list[tuple[str,
   return rest, overrides
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]]) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]], *,
+                    where: str = '') -> ml_collections.ConfigDict:
   """Applies ``(key, text)`` overrides in order, except that ``eval.profile``
-  goes first: a profile is a bundle of eval fields, and explicit fields win."""
+  goes first: a profile is a bundle of eval fields, and explicit fields win.
+  Each is type- and range-checked (``where``: see :func:`apply_override`)."""
   config = copy.deepcopy(config)
   def rechooses(key: str) -> bool:  # replaces an open section, or picks its name (dataset: data's)
     return key in OPEN_SECTIONS or key == 'dataset' or (key.count('.') == 1 and key.endswith('.name'))
@@ -348,7 +638,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
       except ValueError as e:
         raise ConfigError(str(e)) from None
     else:
-      apply_override(config, key, value, may_add=key.split('.')[0] in rechosen and '.' in key)
+      apply_override(config, key, value, may_add=key.split('.')[0] in rechosen and '.' in key, where=where)
   return config
 
 
@@ -359,7 +649,8 @@ def apply_setting(config: ml_collections.ConfigDict, name: str) -> ml_collection
   if name not in settings:
     available = ', '.join(settings) or 'none'
     raise ConfigError(f'experiment {config.get("experiment", "")!r} has no setting {name!r}; available: {available}')
-  config = apply_overrides(config, [parse_assignment(item, f'setting {name!r}') for item in settings[name]])
+  where = f'setting {name!r}'
+  config = apply_overrides(config, [parse_assignment(item, where) for item in settings[name]], where=where)
   with config.unlocked():
     config.setting = name
   return config
@@ -423,7 +714,7 @@ def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, m
   for n in only:
     if n not in names:
       raise ConfigError(f'--config.only names unknown member {n!r}; members: {", ".join(names)}')
-  return [(name, dict(overrides), apply_overrides(base, overrides))
+  return [(name, dict(overrides), apply_overrides(base, overrides, where=f'member {name!r}'))
           for name, overrides in specs if not only or name in only]
 
 
@@ -457,7 +748,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.get('members') and not config.get('only'):
       # Members differ in hyperparameters, not code: two of them cover the path.
       config.only = ','.join(parse_member(m)[0] for m in config.members[:2])
-  return apply_overrides(config, [parse_assignment(item, 'config.smoke') for item in (config.get('smoke') or ())])
+  return apply_overrides(config, [parse_assignment(item, 'config.smoke') for item in (config.get('smoke') or ())],
+                         where='config.smoke')
 
 
 def fill_defaults(stored: dict) -> dict:

@@ -28,6 +28,9 @@ Sweep fields (``config.sweep``):
                     sanity checks), by role: ``baseline`` or ``best:<column>``
                     (the value with the best mean of a table column).
   strong_seeds      how many seeds of each strong role (first ones).
+
+Valid ranges: ``SWEEP_BOUNDS`` (and ``sweep.grid``: each value in the range of
+``method.<hparam>``), checked with the whole config by ``validate``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ from geomrobust import data as data_lib
 from geomrobust import evaluation
 from geomrobust import pipeline
 from geomrobust.training import sweep as sweep_lib
+
+SWEEP_BOUNDS = {
+    'seeds': config_lib.integer(1, example=3), 'chunk_size': config_lib.integer(0),
+    'mean_last_epochs': config_lib.integer(0, example=10), 'screen_examples': config_lib.integer(1, example=500),
+    'pgd_eps': config_lib.number(0, example=0.1), 'strong_seeds': config_lib.integer(1),
+}
 
 
 @dataclasses.dataclass
@@ -96,8 +105,6 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
     raise config_lib.ConfigError('sweep.grid is empty: list the grid, e.g. --config.sweep.grid=0,0.5,1')
   if len(set(values)) != len(values):
     raise config_lib.ConfigError(f'sweep.grid has duplicates: {values}')
-  if int(sw.seeds) < 1:
-    raise config_lib.ConfigError(f'sweep.seeds must be >= 1 (got {sw.seeds})')
   if hparam not in config.method:
     raise config_lib.ConfigError(f'sweep.hparam={hparam!r} is not a field of config.method '
                                  f'({", ".join(k for k in config.method if k != "name")})')
@@ -107,8 +114,8 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
   groups = [Group(hparam, 'sweep', base, stacked, sweep_lib.Grid(hparam, values, seeds))]
   if str(sw.get('baseline', '') or ''):
     name, overrides = config_lib.parse_member(str(sw.baseline))
-    groups.append(Group(name, 'baseline', config_lib.apply_overrides(base, overrides), stacked,
-                        sweep_lib.Grid('', (None,), seeds), dict(overrides)))
+    baseline = config_lib.apply_overrides(base, overrides, where='sweep.baseline')
+    groups.append(Group(name, 'baseline', baseline, stacked, sweep_lib.Grid('', (None,), seeds), dict(overrides)))
   for g in groups:
     for si, seed in enumerate(g.grid.seeds):
       for vi, value in enumerate(g.grid.values):
@@ -119,13 +126,16 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
         else:
           name = f'{g.name}_seed{seed}'
         overrides['seed'] = str(seed)
-        cfg = config_lib.apply_overrides(g.config, [(k, v) for k, v in overrides.items() if k not in g.overrides])
+        cfg = config_lib.apply_overrides(g.config, [(k, v) for k, v in overrides.items() if k not in g.overrides],
+                                         where=f'sweep member {name!r}')
         g.members.append(Member(name, g, cfg, overrides, si, vi))
   return groups
 
 
 def expand(config: ml_collections.ConfigDict) -> list[Group]:
-  """The groups (and their members) of an experiment config."""
+  """The groups (and their members) of an experiment config (its values
+  range-checked first: ``config.check_values``)."""
+  config_lib.check_values(config)
   if config.get('sweep'):
     return _sweep_groups(config)
   family = config_lib.member_configs(config)
@@ -138,7 +148,13 @@ def expand(config: ml_collections.ConfigDict) -> list[Group]:
 
 
 def validate(config: ml_collections.ConfigDict, groups: list[Group]) -> None:
-  """Fails fast (before data or training) on unknown names and bad combinations."""
+  """Fails fast (before data or training) on out-of-range values (the whole
+  config, each group's and each family member's), unknown names and bad combinations."""
+  config_lib.check_values(config)
+  for g in groups:
+    config_lib.check_values(g.config)
+    for m in (g.members if g.role == 'member' else ()):
+      config_lib.check_values(m.config, where=f'member {m.name!r}')
   for g in groups:
     for m in (g.members if g.role == 'member' else g.members[:1]):
       pipeline.validate(m.config)

@@ -177,8 +177,8 @@ def test_trades_loss_terms_and_its_attack():
 @pytest.mark.parametrize('spec,message', [
     (dict(PGD_AT, attack='cw'), "unknown method.attack 'cw'"),
     (dict(PGD_AT, norm='l1'), "unknown method.norm 'l1'"),
-    (dict(PGD_AT, eps=-0.1), 'pgd_at needs method.eps >= 0'),
-    (dict(TRADES, beta=-1.0), 'trades needs method.eps'),
+    (dict(PGD_AT, eps=-0.1), 'method.eps=-0.1 is out of range'),
+    (dict(TRADES, beta=-1.0), 'method.beta=-1 is out of range'),
 ])
 def test_bad_adversarial_training_configs_are_clear_errors(spec, message):
   with pytest.raises(ValueError, match=message):

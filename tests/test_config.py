@@ -1,5 +1,8 @@
 """Experiment registry, --config overrides, members and smoke."""
 
+import os
+import pathlib
+
 import pytest
 
 from geomrobust import config as config_lib
@@ -102,3 +105,69 @@ def test_a_run_written_before_a_new_default_field_still_resumes(tmp_path):
   cfg.train.augment = 'crop_flip'
   with pytest.raises(config_lib.ConfigError, match="train.augment: '' -> 'crop_flip'"):
     experiment.check_workdir_config(tmp_path, cfg)
+
+
+# -- the registry: names, not paths; an optional user folder ---------------------------------------
+
+
+def _evil_file(folder, marker):
+  """An experiment file that would leave ``marker`` behind if it ever ran."""
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / 'evil.py').write_text(f'import pathlib\npathlib.Path({str(marker)!r}).write_text("ran")\n'
+                                  'def get_config():\n  raise SystemExit("ran")\n')
+  return folder / 'evil.py'
+
+
+def test_experiment_names_are_registry_names_never_paths(tmp_path):
+  marker = tmp_path / 'marker'
+  evil = _evil_file(tmp_path / 'elsewhere', marker)
+  rel = pathlib.Path(os.path.relpath(evil.with_suffix(''), config_lib.EXPERIMENTS_DIR))
+  names = [str(rel), str(evil.with_suffix('')), str(evil), '../evil', 'a/evil', 'a\\evil', '..', '.evil',
+           'evil.py', 'standard_mnist/../evil', '', ' evil', 'evil\n']
+  for name in names:
+    for call in (config_lib.load_experiment, config_lib.experiment_doc, config_lib.experiment_summary):
+      for extra in (None, tmp_path / 'elsewhere'):
+        with pytest.raises(config_lib.ConfigError, match=r'^bad experiment name .*not a path') as info:
+          call(name, extra)
+        assert '\n' not in str(info.value)
+  assert not marker.exists()
+  with pytest.raises(config_lib.ConfigError, match="unknown experiment 'evil'"):
+    config_lib.load_experiment('evil')  # not in the built-in registry
+  assert not marker.exists()
+
+
+def test_a_user_folder_adds_experiments_beside_the_builtin_ones(tmp_path):
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'my_run.py').write_text(
+      '"""My run.\n\nCOMMAND: python launch.py --experiments_dir=mine --experiment=my_run\n"""\n'
+      'from geomrobust.config import load_experiment\n\n'
+      'def get_config():\n  c = load_experiment("standard_mnist")\n  c.train.epochs = 1\n  return c\n')
+  (mine / '_helper.py').write_text('raise SystemExit("a helper is not an experiment")\n')
+  names = config_lib.list_experiments(mine)
+  assert 'my_run' in names and 'standard_mnist' in names and '_helper' not in names
+  assert 'my_run' not in config_lib.list_experiments()
+  cfg = config_lib.load_experiment('my_run', mine)
+  assert cfg.experiment == 'my_run' and cfg.train.epochs == 1 and cfg.model.name == 'cnn'
+  assert config_lib.experiment_summary('my_run', experiments_dir=mine) == 'My run.'
+  assert config_lib.load_experiment('standard_mnist', mine).train.epochs == 5  # built-ins still there
+  # Passing the built-in folder itself adds nothing (and is no duplicate).
+  assert config_lib.list_experiments(config_lib.EXPERIMENTS_DIR) == config_lib.list_experiments()
+  with pytest.raises(config_lib.ConfigError, match=r"^experiments folder .*nowhere.* does not exist"):
+    config_lib.load_experiment('my_run', tmp_path / 'nowhere')
+  # A name in both registries is an error naming both files.
+  (mine / 'standard_mnist.py').write_text('raise SystemExit("must not run")\n')
+  with pytest.raises(config_lib.ConfigError, match=r"^experiment 'standard_mnist' is defined twice: "
+                     rf".*experiments/standard_mnist.py and {mine}/standard_mnist.py"):
+    config_lib.load_experiment('standard_mnist', mine)
+
+
+def test_a_registry_entry_that_resolves_outside_its_folder_is_refused(tmp_path):
+  marker = tmp_path / 'marker'
+  evil = _evil_file(tmp_path / 'elsewhere', marker)
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'linked.py').symlink_to(evil)
+  with pytest.raises(config_lib.ConfigError, match=r"^experiment 'linked' resolves to .*outside"):
+    config_lib.load_experiment('linked', mine)
+  assert not marker.exists()

@@ -15,9 +15,11 @@ One is registered, the sparse-coding task of the feature-purification paper
 
 Options live in ``config.data.<name>`` (defaults in ``GENERATORS[name].defaults``;
 ``sparse_coding``: dim=256, sparsity=8, noise=0.0, seed=0,
-steps_per_epoch=100, test_examples=2048, test_seed=1). Build the training
-source with ``make_source(name, config.data.get(name))``; its ``test``
-property is the fixed test split.
+steps_per_epoch=100, test_examples=2048, test_seed=1) and their valid
+ranges in ``GENERATORS[name].bounds`` (checked with the rest of the config
+before anything is generated). Build the training source with
+``make_source(name, config.data.get(name))``; its ``test`` property is the
+fixed test split.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomrobust import config as config_lib
 from geomrobust.data.errors import DataError
 from geomrobust.data.source import GeneratorSource
 
@@ -91,6 +94,7 @@ class GeneratorSpec:
   num_classes: int
   build: Callable[..., GeneratorSource]
   defaults: tuple[tuple[str, Any], ...]
+  bounds: Mapping[str, config_lib.Range] = dataclasses.field(default_factory=dict)  # of the numeric options
   format: str = 'generator'
 
   @property
@@ -103,12 +107,14 @@ class GeneratorSpec:
     return True
 
   def options(self, overrides: Mapping | None = None) -> dict:
-    """The defaults updated with ``overrides``; unknown keys are a DataError."""
+    """The defaults updated with ``overrides``; unknown keys are a DataError,
+    values out of ``bounds`` a ConfigError."""
     out = dict(self.defaults)
     for k, v in dict(overrides or {}).items():
       if k not in out:
         raise DataError(f'unknown option data.{self.name}.{k}; available: {", ".join(sorted(out))}')
       out[k] = v
+    config_lib.check_fields(out, self.bounds, f'data.{self.name}')
     return out
 
 
@@ -116,7 +122,12 @@ GENERATORS: dict[str, GeneratorSpec] = {
     'sparse_coding': GeneratorSpec(
         name='sparse_coding', num_classes=2, build=sparse_coding,
         defaults=(('dim', 256), ('sparsity', 8), ('noise', 0.0), ('seed', 0), ('steps_per_epoch', 100),
-                  ('test_examples', 2048), ('test_seed', 1))),
+                  ('test_examples', 2048), ('test_seed', 1)),
+        # sparsity <= dim as well (checked by sparse_coding itself).
+        bounds={'dim': config_lib.integer(1, example=256), 'sparsity': config_lib.integer(1, example=8),
+                'noise': config_lib.number(0), 'seed': config_lib.integer(0),
+                'steps_per_epoch': config_lib.integer(1, example=100),
+                'test_examples': config_lib.integer(1, example=2048), 'test_seed': config_lib.integer(0)}),
 }
 
 

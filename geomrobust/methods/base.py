@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from geomrobust import config as config_lib
+
 Params = Any
 # The params key (and reserved metrics key) of a model's non-trained state.
 MODEL_STATE = 'model_state'
@@ -77,9 +79,17 @@ class Method:
   ``params`` is a dict ``{'model': <flax params>, ...}``: methods with extra
   parameters (e.g. auxiliary heads) add keys next to ``'model'``; a model
   with BatchNorm adds ``'model_state'`` (see the module docstring).
+
+  ``BOUNDS``: the valid range of each numeric hyperparameter in
+  ``config.method`` (``{field: config.integer(...) | config.number(...)}``),
+  checked with the rest of the config before any data is loaded (and again
+  when the method is built); a sweep's grid is checked against its hparam's.
   """
 
+  BOUNDS: dict[str, config_lib.Range] = {}
+
   def __init__(self, model: nn.Module, config: ml_collections.ConfigDict, num_classes: int):
+    config_lib.check_fields(config.method, self.BOUNDS, 'method')
     self.model = model
     self.config = config
     self.num_classes = num_classes

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomrobust import config as config_lib
 from geomrobust.geometry import distances
 from geomrobust.methods import base
 
@@ -69,6 +70,10 @@ def parse_partition(text: str, num_classes: int) -> np.ndarray:
 
 class Isometric(base.Method):
   """CE + beta * within-class isometry on the last hidden layer (or per level)."""
+
+  BOUNDS = {'beta': config_lib.number(0, example=0.1), 'k': config_lib.number(above=0, example=1.0),
+            'depth_per_level': config_lib.integer(1),
+            'min_sq_dist': config_lib.number(above=0, example=1e-12)}  # > 0: sqrt's gradient at 0 is NaN
 
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)

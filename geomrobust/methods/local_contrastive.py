@@ -48,6 +48,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.geometry import pairs
 from geomrobust.methods import base
 from geomrobust.models import common
@@ -83,6 +84,10 @@ def fermi_bose_loss(h: jax.Array, labels: jax.Array, d_f: jax.Array) -> tuple[ja
 class LocalContrastive(base.Method):
   """Layer-local Fermi-Bose losses on every hidden layer, then a linear readout."""
 
+  BOUNDS = {'d_f': config_lib.number(0, example=0.5), 'lam': config_lib.number(0, example=0.01),
+            'readout_epochs': config_lib.integer(1, example=100),  # the readout is the classifier
+            'readout_lr': config_lib.number(0, example=1e-3)}
+
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
     if config.model.name != 'mlp':
@@ -91,11 +96,6 @@ class LocalContrastive(base.Method):
     self.widths = tuple(int(w) for w in config.model.hidden)
     if not self.widths:
       raise ValueError('method local_contrastive needs at least one hidden layer (model.hidden)')
-    m = config.method
-    if float(m.d_f) < 0 or float(m.lam) < 0:
-      raise ValueError(f'method.d_f and method.lam must be >= 0 (got d_f={m.d_f}, lam={m.lam})')
-    if int(m.readout_epochs) < 1:
-      raise ValueError(f'method.readout_epochs must be >= 1 (got {m.readout_epochs}): the readout is the classifier')
     self.act = common.get_activation(config.model.activation)
 
   def hparams(self):

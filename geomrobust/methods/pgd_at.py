@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from geomrobust import attacks
+from geomrobust import config as config_lib
 from geomrobust.methods import base
 
 TRAIN_ATTACKS = ('pgd', 'fgsm_rs')
@@ -50,6 +51,9 @@ TRAIN_ATTACKS = ('pgd', 'fgsm_rs')
 
 class PgdAT(base.Method):
   """Madry PGD-AT (or fast AT with ``attack='fgsm_rs'``)."""
+
+  BOUNDS = {'eps': config_lib.number(0, example=0.3), 'step_size': config_lib.number(0, example=0.0),
+            'steps': config_lib.integer(1, example=10), 'eps_warmup_steps': config_lib.integer(0)}
 
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
@@ -65,9 +69,6 @@ class PgdAT(base.Method):
     self.random_start = True if fast else bool(m.get('random_start', True))
     self.eps = float(m.eps)
     step = float(m.get('step_size', 0.0))
-    if self.eps < 0 or step < 0 or self.steps < 1:
-      raise ValueError(f'pgd_at needs method.eps >= 0, method.step_size >= 0 and method.steps >= 1; got '
-                       f'eps={self.eps}, step_size={step}, steps={self.steps}')
     self.step_size = step or (1.25 * self.eps if fast else 2.5 * self.eps / self.steps)
     self.eps_warmup_steps = int(m.get('eps_warmup_steps', 0))
 

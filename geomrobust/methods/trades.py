@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from geomrobust import attacks
+from geomrobust import config as config_lib
 from geomrobust.methods import base
 
 # The reference start: x + START_STD * N(0, I).
@@ -57,6 +58,10 @@ def kl_divergence(log_p: jax.Array, logits_q: jax.Array) -> jax.Array:
 class Trades(base.Method):
   """CE(clean) + beta * KL(p_clean || p_adv), the attack maximising the KL."""
 
+  BOUNDS = {'beta': config_lib.number(0, example=6.0), 'eps': config_lib.number(0, example=0.3),
+            'step_size': config_lib.number(0, example=0.0), 'steps': config_lib.integer(0, example=10),
+            'eps_warmup_steps': config_lib.integer(0)}
+
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
     m = config.method
@@ -67,9 +72,6 @@ class Trades(base.Method):
     self.eps = float(m.eps)
     self.beta = float(m.get('beta', 6.0))
     step = float(m.get('step_size', 0.0))
-    if self.eps < 0 or step < 0 or self.steps < 0 or self.beta < 0:
-      raise ValueError(f'trades needs method.eps, method.step_size, method.steps and method.beta >= 0; got '
-                       f'eps={self.eps}, step_size={step}, steps={self.steps}, beta={self.beta}')
     self.step_size = step or 2.5 * self.eps / max(self.steps, 1)
     self.eps_warmup_steps = int(m.get('eps_warmup_steps', 0))
 

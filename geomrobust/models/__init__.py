@@ -1,10 +1,14 @@
 """Models: Flax Linen modules returning ``(logits, per-layer representations)``.
 
-``build_model(config.model, num_classes)`` picks one by ``config.model.name``.
+``build_model(config.model, num_classes)`` picks one by ``config.model.name``;
+``model_bounds(name)`` is the valid range of each numeric field of that
+model's config (each module's ``BOUNDS``), checked before any data is loaded.
 """
 
 import ml_collections
 
+from geomrobust import config as config_lib
+from geomrobust.models import cnn, mlp, resnet
 from geomrobust.models.cnn import SmallCNN
 from geomrobust.models.common import ACTIVATIONS, INITS
 from geomrobust.models.mlp import MLP
@@ -21,15 +25,25 @@ MODELS = {
                                       weight_init=c.get('weight_init', 'he')),
 }
 
+_BOUNDS: dict[str, dict[str, config_lib.Range]] = {'mlp': mlp.BOUNDS, 'cnn': cnn.BOUNDS, 'resnet18': resnet.BOUNDS}
+
+
+def model_bounds(name: str) -> dict[str, config_lib.Range]:
+  """``{config.model field: Range}`` of model ``name`` ({} for an unknown name)."""
+  return dict(_BOUNDS.get(name, {}))
+
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int):
   """Returns the Flax module described by ``model_config`` (``name`` selects it)."""
   name = model_config.name
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; available: {", ".join(sorted(MODELS))}')
+  config_lib.check_fields(model_config, model_bounds(name), 'model')
   return MODELS[name](model_config, num_classes)
 
 
-def register_model(name: str, factory) -> None:
-  """Adds ``factory(model_config, num_classes) -> nn.Module`` under ``name``."""
+def register_model(name: str, factory, bounds: dict[str, config_lib.Range] | None = None) -> None:
+  """Adds ``factory(model_config, num_classes) -> nn.Module`` under ``name``;
+  ``bounds``: the valid range of its numeric config fields (``config.integer``, ``config.number``)."""
   MODELS[name] = factory
+  _BOUNDS[name] = dict(bounds or {})

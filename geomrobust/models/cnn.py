@@ -5,8 +5,13 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.models import common
 from geomrobust.models.conv import Conv
+
+# Valid config.model values (each entry of a sequence); see config.field_bounds.
+BOUNDS = {'channels': config_lib.integer(1, example=32), 'convs_per_block': config_lib.integer(1),
+          'kernel_size': config_lib.integer(1, example=5), 'dense': config_lib.integer(1, example=1024)}
 
 
 class SmallCNN(nn.Module):

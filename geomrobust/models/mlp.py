@@ -6,7 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.models import common
+
+# Valid config.model values (each entry of a sequence); see config.field_bounds.
+BOUNDS = {'hidden': config_lib.integer(1, example=100)}
 
 
 class MLP(nn.Module):

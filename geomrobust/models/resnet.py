@@ -26,8 +26,12 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.models import common
 from geomrobust.models.conv import Conv
+
+# Valid config.model values; see config.field_bounds.
+BOUNDS = {'width': config_lib.integer(1, example=64)}
 
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Flax's 0.9).
 _BN_MOMENTUM = 0.9

@@ -18,6 +18,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from geomrobust import config as config_lib
+
 
 @dataclasses.dataclass
 class ProbeInput:
@@ -61,11 +63,17 @@ class Probe:
   ``kind`` is ``'geometry'`` (the result goes under ``results['geometry']``)
   or ``'protocol'`` (under ``results['probes']``: e.g. a paper's own attack,
   reported *beside* the shared evaluation, never instead of it).
+
+  ``BOUNDS``: the valid range of each numeric option (``{option:
+  config.integer(...) | config.number(...)}``), checked with the rest of the
+  config before any data is loaded (and again when the probe is built).
   """
 
   kind = 'geometry'
+  BOUNDS: dict[str, config_lib.Range] = {}
 
   def __init__(self, name: str, options: ml_collections.ConfigDict):
+    config_lib.check_fields(options, self.BOUNDS, f'probes.{name}')
     self.name = name
     self.options = options
     self._compiled: dict = {}   # jitted functions of this probe object (no module-level cache)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomrobust import attacks
+from geomrobust import config as config_lib
 from geomrobust.parallel import batching
 from geomrobust.probes import base
 
@@ -63,6 +64,8 @@ def curve_area(eps, accuracy) -> float:
 
 class FgsmNoiseAreas(base.Probe):
   kind = 'protocol'
+  BOUNDS = {'eps_max': config_lib.number(0, example=0.79), 'eps_step': config_lib.number(above=0, example=0.01),
+            'examples': config_lib.integer(1, example=1000)}
 
   def __call__(self, inp: base.ProbeInput) -> dict:
     if inp.method.stochastic:

@@ -13,12 +13,15 @@ Options (``config.probes.isometry``):
 
 from __future__ import annotations
 
+from geomrobust import config as config_lib
 from geomrobust.geometry import isometry
 from geomrobust.probes import base
 
 
 class Isometry(base.Probe):
   kind = 'geometry'
+  # per_class >= 3: a class with fewer examples has no isometry statistics (geometry.isometry).
+  BOUNDS = {'examples': config_lib.integer(1, example=2000), 'per_class': config_lib.integer(3, example=200)}
 
   def __call__(self, inp: base.ProbeInput) -> dict:
     n = min(int(self.options.get('examples', 2000)), len(inp.eval_y))

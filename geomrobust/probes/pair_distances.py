@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.data import source as source_lib
 from geomrobust.geometry import pairs
 from geomrobust.probes import base
@@ -19,6 +20,7 @@ from geomrobust.probes import base
 
 class PairDistances(base.Probe):
   kind = 'geometry'
+  BOUNDS = {'examples': config_lib.integer(2, example=1000)}  # a pair needs two
 
   def __call__(self, inp: base.ProbeInput) -> dict:
     n = int(self.options.get('examples', 1000))

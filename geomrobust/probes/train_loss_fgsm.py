@@ -16,11 +16,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from geomrobust import config as config_lib
 from geomrobust.probes import base
 
 
 class TrainLossFgsm(base.Probe):
   kind = 'protocol'
+  BOUNDS = {'eps': config_lib.number(0, example=0.1)}  # each eps
 
   def _fn(self, method, box):
     loss_fn = method.phases()[-1].loss_fn
