@@ -12,13 +12,17 @@ Any config field can be overridden with --config.a.b=value (type-checked).
 Rerunning the same command on the same --workdir resumes where it stopped.
 """
 
+import shlex
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-flags.DEFINE_string('experiment', None, 'Experiment name (a file in experiments/); see --list.')
+flags.DEFINE_string('experiment', None, 'Experiment name (a file in experiments/, or in --experiments_dir); '
+                    'see --list.')
+flags.DEFINE_string('experiments_dir', None, 'A folder of your own experiment files (NAME.py with get_config()), '
+                    'searched besides the built-in experiments/.')
 flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<experiment>, or runs/<experiment>_smoke).')
 flags.DEFINE_string('data_dir', None, 'Folder with the canonical dataset files (or one sub-folder per '
                     'dataset), e.g. ../shared/data. Default: $GEOMROBUST_DATA_DIR, then tfds, then download.')
@@ -51,12 +55,12 @@ def main(argv):
   from geomrobust import config as config_lib
   from geomrobust import data as data_lib
   from geomrobust import experiment as exp_lib
-  from geomrobust.training.loop import TrainingError
+  from geomrobust.training.loop import NonFiniteLoss, TrainingError
 
   try:
     if FLAGS.list:
-      for name in config_lib.list_experiments():
-        print(f'{name:28s} {config_lib.experiment_summary(name)}')
+      for name in config_lib.list_experiments(FLAGS.experiments_dir):
+        print(f'{name:28s} {config_lib.experiment_summary(name, FLAGS.experiments_dir)}')
       return
     if FLAGS.evaluate:
       bad = [k for k, _ in _OVERRIDES if not k.startswith(('eval.', 'parallel.'))]
@@ -66,19 +70,37 @@ def main(argv):
       return
     if not FLAGS.experiment:
       _fail('pass --experiment=NAME (see --list) or --evaluate=WORKDIR')
-    config = config_lib.load_experiment(FLAGS.experiment)
+    config = config_lib.load_experiment(FLAGS.experiment, FLAGS.experiments_dir)
     if FLAGS.setting:
       config = config_lib.apply_setting(config, FLAGS.setting)
     config = config_lib.apply_overrides(config, _OVERRIDES)
     if FLAGS.smoke:
       config = config_lib.smoke(config)
     if FLAGS.show_config:
+      config_lib.check_values(config)  # The experiment file's own values too, not only the overrides.
       print(config_lib.to_json(config))
       return
     workdir = FLAGS.workdir or f'runs/{FLAGS.experiment}{"_smoke" if FLAGS.smoke else ""}'
-    exp_lib.run_experiment(config, workdir, FLAGS.data_dir)
+    try:
+      exp_lib.run_experiment(config, workdir, FLAGS.data_dir)
+    except NonFiniteLoss as e:
+      _fail(f'{e}: {_rerun_command(workdir, float(config.train.lr) / 10)}')
   except (config_lib.ConfigError, data_lib.DataError, TrainingError, ValueError, FileNotFoundError) as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _rerun_command(workdir: str, lr: float) -> str:
+  """This command with ``--config.train.lr=lr`` into a new run folder."""
+  args, skip = [], False
+  for a in sys.argv[1:]:
+    if skip:
+      skip = False
+    elif a == '--workdir':
+      skip = True  # Its value is the next argument.
+    elif not a.startswith(('--workdir=', '--config.train.lr=')):
+      args.append(a)
+  args += [f'--config.train.lr={lr:g}', f'--workdir={workdir.rstrip("/")}_lr{lr:g}']
+  return ' '.join(['python', 'launch.py'] + [shlex.quote(a) for a in args])
 
 
 def run():

@@ -31,6 +31,7 @@ from geomrobust import runio
 from geomrobust import tables
 from geomrobust.pipeline import (Data, Run, check_workdir_config, data_key, evaluate_model, load_run,  # noqa: F401
                                  member_names, prepare_data, validate, write_results, _build)
+from geomrobust.runio import lock
 from geomrobust.runio import report
 from geomrobust.runio import sweep_report
 from geomrobust.training import loop
@@ -44,26 +45,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        tag: str = '', after_epoch=None, data: Data | None = None,
                        evaluator: evaluation.Evaluator | None = None, probes: list | None = None) -> dict:
   """Trains one model (resuming from ``workdir``), evaluates it and writes
-  ``results.json``, ``report.md`` and plots there. Returns the results dict."""
+  ``results.json``, ``report.md`` and plots there. Returns the results dict.
+  Holds ``workdir``'s writer lock throughout (``runio.lock``)."""
   workdir = pathlib.Path(workdir)
-  mesh = mesh or parallel.make_mesh(int(config.parallel.num_devices))
-  data = data or prepare_data(config, data_dir)
-  method, trained = _train_alone(config, workdir, data, mesh, log=log, tag=tag, after_epoch=after_epoch)
-  evaluator = evaluator or evaluation.Evaluator()
-  probes = probes_lib.build_probes(config.get('probes')) if probes is None else probes
-  results = evaluate_model(method, trained.params, data, config, mesh, evaluator=evaluator, probes=probes,
-                           log=log, tag=tag)
-  results['timing'].update(train_seconds=trained.seconds,
-                           train_examples_per_second=trained.examples_per_second,
-                           resumed_from_epoch=trained.resumed_from)
-  write_results(workdir, config, results, probes)
+  with lock.writer(workdir, log=log):
+    check_workdir_config(workdir, config)
+    mesh = mesh or parallel.make_mesh(int(config.parallel.num_devices))
+    data = data or prepare_data(config, data_dir)
+    method, trained = _train_alone(config, workdir, data, mesh, log=log, tag=tag, after_epoch=after_epoch)
+    evaluator = evaluator or evaluation.Evaluator()
+    probes = probes_lib.build_probes(config.get('probes')) if probes is None else probes
+    results = evaluate_model(method, trained.params, data, config, mesh, evaluator=evaluator, probes=probes,
+                             log=log, tag=tag)
+    results['timing'].update(train_seconds=trained.seconds,
+                             train_examples_per_second=trained.examples_per_second,
+                             resumed_from_epoch=trained.resumed_from)
+    write_results(workdir, config, results, probes)
   return results
 
 
 def _train_alone(config, workdir: pathlib.Path, data: Data, mesh, *, log, tag, after_epoch=None):
-  """The one-by-one executor for one member: ``(method, loop.TrainResult)``."""
+  """The one-by-one executor for one member: ``(method, loop.TrainResult)``
+  (the caller has checked ``workdir``'s config)."""
   workdir.mkdir(parents=True, exist_ok=True)
-  check_workdir_config(workdir, config)
   runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
   method = _build(config, data.num_classes)
   amount = 'fresh batches' if data.train_labels is None else f'{len(data.train_labels)} train examples'
@@ -106,49 +110,77 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
 
   Rerunning continues where a killed run stopped: finished members (their
   ``results.json`` exists, same config) are not retrained, and training
-  resumes from checkpoints. ``reevaluate``: evaluate every member again
-  (sweeps; ``evaluate_workdir`` handles the rest).
+  resumes from checkpoints; a finished run is "already done" without writing
+  anything. ``reevaluate``: evaluate every member again (sweeps;
+  ``evaluate_workdir`` handles the rest). Everything that can be checked
+  (configs, the folder's lock and writability, the data) is checked before
+  training starts.
   """
   workdir = pathlib.Path(workdir)
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
   groups = members_lib.expand(config)
   members_lib.validate(config, groups)
-  sweep = bool(config.get('sweep'))
-  top_path = workdir / 'results.json'
-  if groups[0].role == 'single' or sweep:
-    if top_path.exists() and not reevaluate:
-      check_workdir_config(workdir, config if sweep else groups[0].members[0].config)
-      log(f'already done: {top_path} (use --evaluate={workdir} to re-evaluate)')
-      return runio.read_json(top_path)
-  if groups[0].role == 'single':
-    return train_and_evaluate(groups[0].members[0].config, workdir, data_dir, log=log)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if sweep:
-    check_workdir_config(workdir, config)
-  runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
-  ctx = _Context(config, data_dir)
-  t_start = time.perf_counter()
-  if sweep:
-    return _run_sweep(config, workdir, groups, ctx, log=log, reevaluate=reevaluate, t_start=t_start)
+  if not reevaluate:
+    done = _finished(config, groups, workdir)
+    if done is not None:
+      log(f'already done: {workdir / "results.json"} (use --evaluate={workdir} to re-evaluate)')
+      return done
+  with lock.writer(workdir, log=log):
+    if groups[0].role == 'single':
+      return train_and_evaluate(groups[0].members[0].config, workdir, data_dir, log=log)
+    if config.get('sweep'):
+      check_workdir_config(workdir, config)
+    for m in (m for g in groups for m in g.members):
+      check_workdir_config(workdir / m.name, m.config)
+    ctx = _Context(config, data_dir)
+    for m in (m for g in groups for m in g.members):
+      ctx.data(m.config)  # Every dataset loads (or fails) before anything is written.
+    runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
+    t_start = time.perf_counter()
+    if config.get('sweep'):
+      return _run_sweep(config, workdir, groups, ctx, log=log, reevaluate=reevaluate, t_start=t_start)
+    return _run_family(config, workdir, groups[0].members, ctx, log=log)
 
-  ms = groups[0].members
+
+def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
+  """The top results of a finished run of this config in ``workdir``, or None
+  (read only: a finished run in a read-only folder reruns as "already done")."""
+  top_path = workdir / 'results.json'
+  if not top_path.exists():
+    return None
+  if groups[0].role == 'single' or config.get('sweep'):
+    check_workdir_config(workdir, config if config.get('sweep') else groups[0].members[0].config)
+    return runio.read_json(top_path)
+  top = runio.read_json(top_path)
+  members = groups[0].members
+  if [r.get('name') for r in top.get('runs', [])] != [m.name for m in members]:
+    return None  # Another selection of members (--config.only) was run here.
+  for m in members:
+    if not (workdir / m.name / 'results.json').exists():
+      return None
+    check_workdir_config(workdir / m.name, m.config)
+  return top
+
+
+def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log) -> dict:
+  """Each member trained and evaluated in its own folder, then the summary."""
   runs, member_results = [], {}
   for i, m in enumerate(ms):
     sub = workdir / m.name
     tag = f'[{m.name} {i + 1}/{len(ms)}] '
     done = sub / 'results.json'
     if done.exists():
-      check_workdir_config(sub, m.config)
       log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
-      res = train_and_evaluate(m.config, sub, data_dir, mesh=ctx.mesh, log=log, tag=tag, data=ctx.data(m.config),
+      res = train_and_evaluate(m.config, sub, ctx.data_dir, mesh=ctx.mesh, log=log, tag=tag, data=ctx.data(m.config),
                                evaluator=ctx.evaluator, probes=ctx.probes(m.config))
     member_results[m.name] = res
     runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
              seed=int(config.seed), runs=runs, table=report.summary_table(member_results),
              smoke=bool(config.get('smoke_run', False)))
+  top_path = workdir / 'results.json'
   runio.write_json(top_path, top)
   report.write_experiment_report(workdir, config, top, member_results)
   log(f'wrote {top_path} and {workdir / "report.md"}')
@@ -340,36 +372,61 @@ def _run_sweep(config, workdir: pathlib.Path, groups, ctx: _Context, *, log, ree
 
 def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str, str]], data_dir: str | None,
                      *, log=print) -> dict:
-  """Re-evaluates a trained run (every member) with the current eval config."""
+  """Re-evaluates a trained run (every member) with the current eval config.
+
+  Holds the folder's writer lock, and reads everything it needs (configs,
+  weights, the old results, the data) before the first attack runs, so a
+  damaged file or a busy or read-only folder is reported at once. Rewrites
+  each member's results.json, report.md, plots, and its config.json's
+  ``eval`` section (training fields are kept as stored).
+  """
   workdir = pathlib.Path(workdir)
   cfg_path = workdir / 'config.json'
-  if cfg_path.exists() and runio.read_json(cfg_path).get('sweep'):
+  if not cfg_path.exists():
+    raise FileNotFoundError(f'no trained run in {workdir} (no config.json); train one there first: '
+                            f'python launch.py --experiment=NAME --workdir={workdir}')
+  with lock.writer(workdir, log=log):  # Before anything else: a run in progress is not evaluated.
+    return _evaluate_locked(workdir, eval_overrides, data_dir, log=log)
+
+
+def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) -> dict:
+  cfg_path = workdir / 'config.json'
+  if runio.read_json(cfg_path).get('sweep'):
     config = config_lib.apply_overrides(config_lib.with_defaults(runio.read_json(cfg_path)), eval_overrides)
     return run_experiment(config, workdir, data_dir, log=log, reevaluate=True)
   names = [n for n in member_names(workdir) if (workdir / n / 'checkpoints').exists()] \
       if not (workdir / 'checkpoints').exists() else ['']
   if not names:
-    raise FileNotFoundError(f'no trained run in {workdir}')
-  out = {}
-  evaluator = evaluation.Evaluator()
+    raise FileNotFoundError(f'no trained run in {workdir} (no checkpoints/): train it first')
+  loaded = []
   for name in names:
     run = load_run(workdir, name or None)
     cfg = config_lib.apply_overrides(run.config, eval_overrides)
-    mesh = parallel.make_mesh(int(cfg.parallel.num_devices))
-    data = prepare_data(cfg, data_dir)
-    probes = probes_lib.build_probes(cfg.get('probes'))
-    res = evaluate_model(run.method, run.params, data, cfg, mesh, evaluator=evaluator, probes=probes, log=log,
-                         tag=f'[{name}] ' if name else '')
-    old = run.results or {}
+    evaluation.recipes.resolve(cfg.eval)  # Bad eval settings fail before any work.
+    stored = runio.read_json(run.workdir / 'config.json')
+    loaded.append((name, run, cfg, stored, run.results or {}))
+  top_path = workdir / 'results.json'
+  family = names != ['']
+  top = runio.read_json(top_path) if family and top_path.exists() else {}
+  top_config = ml_collections.ConfigDict(runio.read_json(cfg_path)) if family else None
+  ctx = _Context(loaded[0][2], data_dir)
+  for _, _, cfg, _, _ in loaded:
+    ctx.data(cfg)
+
+  out = {}
+  for name, run, cfg, stored, old in loaded:
+    probes = ctx.probes(cfg)
+    res = evaluate_model(run.method, run.params, ctx.data(cfg), cfg, ctx.mesh, evaluator=ctx.evaluator,
+                         probes=probes, log=log, tag=f'[{name}] ' if name else '')
     res['timing'] = dict(old.get('timing', {}), **res['timing'])
-    runio.atomic_write_text(run.workdir / 'config.json', config_lib.to_json(cfg) + '\n')
+    # Only what --evaluate may change: a rerun of the training command still finds its own config.
+    stored = dict(stored, eval=cfg.eval.to_dict(), parallel=cfg.parallel.to_dict())
+    runio.atomic_write_text(run.workdir / 'config.json',
+                            config_lib.to_json(ml_collections.ConfigDict(stored)) + '\n')
     write_results(run.workdir, cfg, res, probes)
     out[name] = res
-  if names != ['']:
-    top_path = workdir / 'results.json'
-    top = runio.read_json(top_path) if top_path.exists() else {}
+  if family:
     top['table'] = report.summary_table(out)
     runio.write_json(top_path, top)
-    report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
-                                   top, out)
+    report.write_experiment_report(workdir, top_config, top, out)
   return out

@@ -160,8 +160,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if init and not (pathlib.Path(init.partition('@')[0]) / 'config.json').exists():
     raise config_lib.ConfigError(f'init_from={init!r}: no run in {init.partition("@")[0]} (config.json missing)')
   evaluation.recipes.resolve(config.eval)
-  if int(config.train.batch_size) <= 0 or int(config.train.epochs) < 0:
-    raise config_lib.ConfigError('train.batch_size must be positive and train.epochs non-negative')
 
 
 def _build(config: ml_collections.ConfigDict, num_classes: int):

@@ -126,12 +126,15 @@ def test_resume_across_a_phase_boundary(tmp_path):
   chex.assert_trees_all_close(resumed.params, full.params, rtol=0, atol=0)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
-  cfg = tiny_config(epochs=3, lr=1e30)  # diverges
+def test_nan_loss_in_the_first_epoch_says_no_checkpoint_and_advises_a_new_folder(tmp_path):
+  cfg = tiny_config(epochs=3, lr=1e30)  # diverges in epoch 1
   x, y = tiny_data()
-  with pytest.raises(loop.TrainingError, match=r'non-finite loss .* at step \d+ \(epoch \d, phase .train.\); '
-                                               r'last good checkpoint: epoch \d'):
+  with pytest.raises(loop.NonFiniteLoss, match=r'non-finite loss .* at step \d+ \(epoch 1, phase .train.\); '
+                                               r'no checkpoint was written before it\. .* new --workdir with a '
+                                               r'smaller --config\.train\.lr') as e:
     loop.train(_method(cfg), x, y, x[:64], y[:64], cfg, tmp_path, parallel.make_mesh(1), log=lambda s: None)
+  assert e.value.workdir == tmp_path
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
 
 
 def test_nan_keeps_the_last_good_checkpoint(tmp_path):

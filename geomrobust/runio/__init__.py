@@ -1,6 +1,8 @@
 """A run is a folder: config.json, metrics.jsonl, checkpoints/, results.json,
 report.md and plots. Writes are atomic (temp file + rename) so a kill never
-leaves a half-written file over a good one."""
+leaves a half-written file over a good one, with the permissions the umask
+gives (like any file the user creates). One process writes a run folder at a
+time (:mod:`geomrobust.runio.lock`); readers never take the lock."""
 
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
   try:
     with os.fdopen(fd, 'w') as f:
       f.write(text)
+    # mkstemp makes the file 0600; a result file is as readable as any other.
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -47,8 +51,41 @@ def write_json(path: os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: os.PathLike) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  """The JSON object in ``path``; a damaged file is a RunFolderError naming it."""
+  path = pathlib.Path(path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RunFolderError(f'{path} is damaged (not valid JSON: {e}); {_fix_hint(path)}') from None
+
+
+def _fix_hint(path: pathlib.Path) -> str:
+  """What to do about a damaged run file, by its name."""
+  if path.name == 'results.json':
+    return ('move it aside (mv {0} {0}.bad) and rerun the training command: it re-evaluates the trained '
+            'model from its checkpoints'.format(path))
+  if path.name == 'config.json':
+    return (f'{path.parent} cannot be resumed or evaluated without it: restore it from a copy, or delete '
+            f'{path.parent} and train again')
+  return f'restore it from a copy, or delete {path.parent} and train again'
+
+
+
+
+
+class RunFolderError(ValueError):
+  """A run folder (or a file in it) cannot be used; the message is one
+  actionable line."""
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
 
 
 class MetricsWriter:
@@ -82,4 +119,13 @@ def read_metrics(path: os.PathLike) -> list[dict]:
   path = pathlib.Path(path)
   if not path.exists():
     return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines()):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise RunFolderError(f'{path} line {i + 1} is damaged ({e}); delete that line, or rerun the training '
+                           'command, which rewrites the rows after the last checkpoint') from None
+  return rows

@@ -39,10 +39,10 @@ from geomrobust.methods import base
 from geomrobust.parallel import batching
 from geomrobust.training import augment as augment_lib
 from geomrobust.training import phases as phases_lib
-from geomrobust.training.phases import TrainingError
+from geomrobust.training.phases import NonFiniteLoss, TrainingError
 
-__all__ = ['TrainState', 'TrainResult', 'TrainingError', 'compile_epoch', 'make_accuracy_fn', 'make_chunk',
-           'make_epoch', 'make_optimizer', 'make_train_step', 'phase_optimizer', 'restore_params', 'train']
+__all__ = ['NonFiniteLoss', 'TrainState', 'TrainResult', 'TrainingError', 'compile_epoch', 'make_accuracy_fn',
+           'make_chunk', 'make_epoch', 'make_optimizer', 'make_train_step', 'phase_optimizer', 'restore_params', 'train']
 
 
 # --------------------------------------------------------------------------
@@ -312,6 +312,7 @@ class _Single:
 
   noun = ''
   keep_last = 2
+  nan_remedy = ''
 
   def __init__(self, method, source, test, config, mesh, workdir, init_params):
     self.method, self.source, self.mesh, self.workdir = method, source, mesh, workdir
@@ -392,11 +393,8 @@ class _Single:
     bad = np.flatnonzero(~np.isfinite(losses))
     return None if not bad.size else ((), int(bad[0]))
 
-  def nan_message(self, value, member, step, at, seg, last):
-    unit = 'round' if seg.by_steps else 'epoch'
-    return (f'non-finite loss ({value}) at step {step} ({at}, phase {seg.name!r}); last good checkpoint: '
-            f'{unit} {last or 0} in {pathlib.Path(self.workdir or ".") / "checkpoints"}. '
-            'Lower --config.train.lr or check the data; rerunning resumes from that checkpoint.')
+  def nan_message(self, value, member, step, at, seg):
+    return f'non-finite loss ({value}) at step {step} ({at}, phase {seg.name!r})'
 
   def report(self, seg, r, state, metrics, dt, total):
     done, n = r + 1, seg.length(r)

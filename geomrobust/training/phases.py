@@ -64,6 +64,16 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
+class NonFiniteLoss(TrainingError):
+  """The loss became NaN/inf. ``workdir`` is the run folder; a rerun there
+  would repeat it (its config is fixed), so the fix is a new folder with a
+  smaller learning rate (launch.py prints that command)."""
+
+  def __init__(self, message: str, workdir: pathlib.Path | None):
+    super().__init__(message)
+    self.workdir = workdir
+
+
 # --------------------------------------------------------------------------
 # The round axis
 # --------------------------------------------------------------------------
@@ -170,6 +180,7 @@ def checkpoint_manager(workdir: pathlib.Path, keep_last: int = 2, keep_rounds: S
   return ocp.CheckpointManager(
       (pathlib.Path(workdir) / 'checkpoints').absolute(),
       options=ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                           save_interval_steps=0 if read_only else 1,
                                            enable_async_checkpointing=False, preservation_policy=policy),
       # Named so that item_metadata() can read a checkpoint's tree before restoring it.
       item_handlers=ocp.StandardCheckpointHandler())
@@ -215,9 +226,80 @@ def restore_tree(workdir: pathlib.Path, round_: int | None = None, phase: str | 
       raise FileNotFoundError(f'no checkpoint in {ckpt}')
     if step not in mngr.all_steps():
       raise FileNotFoundError(f'no checkpoint {step} in {ckpt} (it has {mngr.all_steps()})')
-    return mngr.restore(step, args=ocp.args.StandardRestore()), step
+    tree, why = _try_restore(mngr, step)
+    if why is None:
+      return tree, step
+    # The weights asked for are gone: say so (another checkpoint's weights
+    # would be a different model under this run's name).
+    older, _ = newest_intact(mngr, below=step)
+    retrain = (f'the newest intact checkpoint is {older}: to train again from it, move {ckpt / str(step)} and '
+               f'{pathlib.Path(workdir) / "results.json"} aside and rerun the training command' if older is not None
+               else f'no checkpoint in {ckpt} is intact: delete {pathlib.Path(workdir)} and train again')
+    raise runio.RunFolderError(f'checkpoint {ckpt / str(step)} is damaged ({why}); {retrain}')
   finally:
     mngr.close()
+
+
+def _try_restore(mngr: ocp.CheckpointManager, step: int):
+  """``(tree, None)``, or ``(None, why)`` when checkpoint ``step`` cannot be read."""
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore()), None
+  except Exception as e:  # pylint: disable=broad-except
+    # A truncated or garbled file surfaces as JSON, TensorStore (ValueError)
+    # or plain Exception errors from orbax: any failure to read is damage.
+    first = (str(e).splitlines() or [''])[0]
+    return None, f'{type(e).__name__}: {first[:120]}'
+
+
+def newest_intact(mngr: ocp.CheckpointManager, below: int | None = None) -> tuple[int | None, list]:
+  """``(newest checkpoint that restores, [(step, why)] of the damaged ones
+  newer than it])``, among the steps ``< below`` (all when None)."""
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    if below is not None and step >= below:
+      continue
+    _, why = _try_restore(mngr, step)
+    if why is None:
+      return step, damaged
+    damaged.append((step, why))
+  return None, damaged
+
+
+DAMAGED_DIR = 'damaged_checkpoints'
+
+
+def resume_point(workdir: pathlib.Path, log: Callable[[str], None], tag: str = '') -> int:
+  """The round training resumes from: the newest checkpoint that restores.
+
+  Damaged newer ones (a truncated file, a half-copied folder) are moved to
+  ``workdir/damaged_checkpoints/`` with a warning naming each, so the run
+  goes on from the last good state and ends as an uninterrupted run would.
+  When no checkpoint is intact, a TrainingError names the folder to delete.
+  """
+  ckpt = pathlib.Path(workdir) / 'checkpoints'
+  if not ckpt.is_dir():
+    return 0
+  mngr = checkpoint_manager(workdir, read_only=True)
+  try:
+    if mngr.latest_step() is None:
+      return 0
+    good, damaged = newest_intact(mngr)
+  finally:
+    mngr.close()
+  if good is None:
+    step, why = damaged[0]
+    raise TrainingError(f'every checkpoint in {ckpt} is damaged (e.g. {step}: {why}); delete that folder to '
+                        f'train from scratch: rm -r {ckpt}')
+  for step, why in damaged:
+    dest = pathlib.Path(workdir) / DAMAGED_DIR / str(step)
+    n = 1
+    while dest.exists():
+      dest, n = dest.with_name(f'{step}.{n}'), n + 1
+    dest.parent.mkdir(exist_ok=True)
+    (ckpt / str(step)).rename(dest)
+    log(f'{tag}warning: checkpoint {ckpt / str(step)} is damaged ({why}); moved it to {dest} and resuming from '
+        f'the newest intact one, {good}')
+  return good
 
 
 # --------------------------------------------------------------------------
@@ -270,8 +352,11 @@ class Trainer(Protocol):
   def first_bad(self, losses: np.ndarray):
     """``None`` or ``(member, step index)`` of the first non-finite loss."""
 
-  def nan_message(self, value, member, step: int, at: str, seg: Segment, last: int | None) -> str:
-    """The TrainingError message (``at``: e.g. ``epoch 4``)."""
+  nan_remedy: str   # appended to the non-finite-loss advice ('' or e.g. ' or without that value')
+
+  def nan_message(self, value, member, step: int, at: str, seg: Segment) -> str:
+    """What went non-finite where (``at``: e.g. ``epoch 4``); the checkpoint
+    and the advice are added by :func:`run_phases`."""
 
   def report(self, seg: Segment, r: int, state, metrics: dict, dt: float, total: int) -> dict:
     """The metrics.jsonl row of finished round ``r`` (measures accuracy if due)."""
@@ -323,9 +408,9 @@ def run_phases(trainer: Trainer, segments: Sequence[Segment], *, workdir: pathli
   start = 0
   if workdir is not None:
     workdir = pathlib.Path(workdir)
+    start = resume_point(workdir, log, tag)
     mngr = checkpoint_manager(workdir, trainer.keep_last, [s.end for s in segments])
     metrics_log = runio.MetricsWriter(workdir / 'metrics.jsonl')
-    start = mngr.latest_step() or 0
     if start > total:
       mngr.close()
       raise TrainingError(f'{workdir} has a {trainer.noun}checkpoint at epoch {start} but this config trains '
@@ -391,8 +476,12 @@ def run_phases(trainer: Trainer, segments: Sequence[Segment], *, workdir: pathli
           member, i = bad
           value = np.asarray(metrics['loss'])[tuple(member) + (i,)]
           last = mngr.latest_step() if mngr is not None else None
-          raise TrainingError(trainer.nan_message(value, member, seg.first_step + seg.offset(r) + i + 1,
-                                                  where(seg, r), seg, last))
+          what = trainer.nan_message(value, member, seg.first_step + seg.offset(r) + i + 1, where(seg, r), seg)
+          kept = (f'last good {trainer.noun}checkpoint: {"round" if seg.by_steps else "epoch"} {last} in '
+                  f'{workdir / "checkpoints"}' if last else 'no checkpoint was written before it')
+          raise NonFiniteLoss(f'{what}; {kept}. Rerunning here would repeat it (the folder\'s config is fixed): '
+                              f'train again in a new --workdir with a smaller --config.train.lr'
+                              f'{trainer.nan_remedy}', workdir)
         state = new_state
         done = r + 1
         record = trainer.report(seg, r, state, metrics, dt, total)

@@ -221,6 +221,7 @@ class _Stacked:
 
   noun = 'sweep '
   keep_last = 1
+  nan_remedy = ' or without that value in --config.sweep.grid'
 
   def __init__(self, method, grid, source, test, config, mesh, workdir, chunk_size, mean_last, init_params):
     self.method, self.grid, self.source, self.workdir, self.mesh = method, grid, source, workdir, mesh
@@ -323,14 +324,11 @@ class _Stacked:
     si, vi, i = (int(t) for t in bad[0])
     return (si, vi), i
 
-  def nan_message(self, value, member, step, at, seg, last):
+  def nan_message(self, value, member, step, at, seg):
     si, vi = member
     g = self.grid
     what = f'seed {g.seeds[si]}' + (f', {g.hparam}={g.values[vi]}' if g.hparam else '')
-    unit = 'round' if seg.by_steps else 'epoch'
-    return (f'non-finite loss ({value}) for the sweep member {what} at step {step} ({at}, phase {seg.name!r}); '
-            f'last good sweep checkpoint: {unit} {last or 0}. Drop that value or lower --config.train.lr; '
-            'rerunning resumes from there.')
+    return f'non-finite loss ({value}) for the sweep member {what} at step {step} ({at}, phase {seg.name!r})'
 
   def report(self, seg, r, state, metrics, dt, total):
     done, n, v = r + 1, seg.length(r), self.v_count
