@@ -6,10 +6,12 @@
   python launch.py --experiment=isometric_mnist --smoke          # sub-minute CPU run of the whole path
   python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
   python launch.py --experiment=madry_mnist --setting=full        # a named setting (paper-sized run)
-  python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate, no retraining
+  python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate (rewrites its results)
+  python launch.py --experiments_dir=my_experiments --experiment=mine  # your own experiment files
 
-Any config field can be overridden with --config.a.b=value (type-checked).
-Rerunning the same command on the same --workdir resumes where it stopped.
+Any config field can be overridden with --config.a.b=value (type- and range-checked).
+Rerunning the same command on the same --workdir resumes where it stopped; one
+process writes a run folder at a time (run.lock).
 """
 
 import shlex

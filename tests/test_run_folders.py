@@ -4,6 +4,7 @@ damaged checkpoints and JSON, read-only folders, file modes, no stray files."""
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import socket
@@ -295,6 +296,50 @@ def test_read_only_finished_run(finished_cnn):
   line = error_line(proc.returncode, proc.stderr)
   assert f'run folder {finished_cnn} is not writable' in line and 'chmod' in line
   assert (finished_cnn / 'results.json').read_text() == before
+
+
+# --------------------------------------------------------------------------
+# 6. A non-finite loss: advice that is a working command
+# --------------------------------------------------------------------------
+
+
+def test_nan_advice_is_a_command_that_is_not_refused(tiny_mnist_dir, tmp_path):
+  workdir = tmp_path / 'run'
+  rc, _, err = finish(launch(*CNN_ARGS, '--config.train.lr=1e30', f'--data_dir={tiny_mnist_dir}',
+                             f'--workdir={workdir}'))
+  line = error_line(rc, err)
+  assert 'non-finite loss' in line and 'no checkpoint was written before it' in line, line
+  args = shlex.split(line.split(': python launch.py ', 1)[1])
+  assert f'--workdir={workdir}_lr1e+29' in args and '--config.train.lr=1e+29' in args
+  assert [a for a in args if a.startswith(('--workdir', '--config.train.lr'))] == [
+      '--config.train.lr=1e+29', f'--workdir={workdir}_lr1e+29']
+  # The old advice (rerun here with a lower lr) was refused; this command trains (and may diverge again).
+  rc, out, err = finish(launch(*args))
+  assert 'different config' not in err and (rc == 0 or 'non-finite loss' in err), err[-2000:]
+
+
+# --------------------------------------------------------------------------
+# 8. Experiments from the registry, or a folder the user names
+# --------------------------------------------------------------------------
+
+
+def test_experiments_dir_and_names_that_are_paths(tmp_path):
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'short_cnn.py').write_text('"""My shorter baseline."""\nfrom geomrobust.config import load_experiment\n\n'
+                                     'def get_config():\n  c = load_experiment("standard_mnist")\n'
+                                     '  c.train.epochs = 1\n  return c\n')
+  marker = tmp_path / 'ran'
+  (tmp_path / 'evil.py').write_text(f'open({str(marker)!r}, "w").close()\ndef get_config(): pass\n')
+  proc = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--list', f'--experiments_dir={mine}'],
+                        cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0 and 'short_cnn' in proc.stdout and 'My shorter baseline.' in proc.stdout
+  rc, out, err = finish(launch('--experiment=short_cnn', f'--experiments_dir={mine}', '--show_config'))
+  assert rc == 0 and json.loads(out)['train']['epochs'] == 1, err
+  for name in ('../x/evil', str(tmp_path / 'evil'), 'evil.py'):
+    rc, _, err = finish(launch(f'--experiment={name}', f'--experiments_dir={mine}', '--show_config'))
+    assert 'bad experiment name' in error_line(rc, err)
+  assert not marker.exists()
 
 
 # --------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def check_md5(content: bytes, expected: str | None, path: str | os.PathLike) -> 
     raise DataError(
         f"{os.fspath(path)}: content md5 {actual} does not match the expected {expected}; "
         "the file is corrupt or not the canonical one: delete it and fetch it again "
-        "(for generated test files pass verify_checksums=False)"
+        "(for generated test files pass --config.data.verify=false)"
     )
 
 
