@@ -39,6 +39,7 @@ a phase, the checkpoint tree, the compiled round, and what a round reports.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pathlib
 import time
@@ -170,6 +171,17 @@ def fmt_time(s: float) -> str:
 # --------------------------------------------------------------------------
 
 
+class _NoReadOnlyNotice(logging.Filter):
+  """Orbax warns on every read-only manager (each load_run, resume check);
+  reading a run is not worth a warning."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Given directory is read only')
+
+
+logging.getLogger('absl').addFilter(_NoReadOnlyNotice())
+
+
 def checkpoint_manager(workdir: pathlib.Path, keep_last: int = 2, keep_rounds: Sequence[int] = (),
                        read_only: bool = False) -> ocp.CheckpointManager:
   """Orbax manager of ``workdir/checkpoints``: the newest ``keep_last`` and
@@ -232,8 +244,9 @@ def restore_tree(workdir: pathlib.Path, round_: int | None = None, phase: str | 
     # The weights asked for are gone: say so (another checkpoint's weights
     # would be a different model under this run's name).
     older, _ = newest_intact(mngr, below=step)
-    retrain = (f'the newest intact checkpoint is {older}: to train again from it, move {ckpt / str(step)} and '
-               f'{pathlib.Path(workdir) / "results.json"} aside and rerun the training command' if older is not None
+    retrain = (f'the newest intact checkpoint is {older}: to regenerate these weights, move '
+               f'{pathlib.Path(workdir) / "results.json"} aside and rerun the training command (it resumes from '
+               f'{older}, setting the damaged one aside, and ends with the same weights)' if older is not None
                else f'no checkpoint in {ckpt} is intact: delete {pathlib.Path(workdir)} and train again')
     raise runio.RunFolderError(f'checkpoint {ckpt / str(step)} is damaged ({why}); {retrain}')
   finally:
@@ -247,8 +260,8 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int):
   except Exception as e:  # pylint: disable=broad-except
     # A truncated or garbled file surfaces as JSON, TensorStore (ValueError)
     # or plain Exception errors from orbax: any failure to read is damage.
-    first = (str(e).splitlines() or [''])[0]
-    return None, f'{type(e).__name__}: {first[:120]}'
+    first = (str(e).splitlines() or [''])[0].split(' See full TensorStore details')[0]
+    return None, f'{type(e).__name__}: {first[:160]}'
 
 
 def newest_intact(mngr: ocp.CheckpointManager, below: int | None = None) -> tuple[int | None, list]:
