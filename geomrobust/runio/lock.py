@@ -34,8 +34,8 @@ from geomrobust.runio import RunFolderError
 
 LOCK_FILE = 'run.lock'
 
-# Folders this process holds (path -> depth): a nested writer() is a no-op.
-_held: dict[str, int] = {}
+# Folders this process holds: a nested writer() is a no-op.
+_held: set[str] = set()
 
 
 class RunFolderBusy(RunFolderError):
@@ -105,6 +105,15 @@ def _check_tree_writable(folder: pathlib.Path) -> None:
       raise _not_writable(pathlib.Path(dirpath), PermissionError(errno.EACCES, 'permission denied'))
 
 
+def _first_process() -> bool:
+  """Multi-host jobs run one process per host on the same folder: process 0
+  holds the lock for all of them."""
+  if 'jax' not in sys.modules:
+    return True
+  import jax
+  return jax.process_index() == 0
+
+
 def _try_create(path: pathlib.Path) -> bool:
   record = dict(pid=os.getpid(), host=socket.gethostname(), process_start=_process_start(os.getpid()),
                 started=datetime.datetime.now().isoformat(timespec='seconds'), command=' '.join(sys.argv))
@@ -126,12 +135,8 @@ def writer(folder: str | os.PathLike, *, log: Callable[[str], None] = print) -> 
   """
   folder = pathlib.Path(folder)
   key = str(folder.resolve())
-  if key in _held:
-    _held[key] += 1
-    try:
-      yield
-    finally:
-      _held[key] -= 1
+  if key in _held or not _first_process():
+    yield  # Held already: by this process, or (multi-host) by process 0 of this job.
     return
   created = not folder.exists()
   try:
@@ -159,12 +164,12 @@ def writer(folder: str | os.PathLike, *, log: Callable[[str], None] = print) -> 
       raise RunFolderBusy(f'run folder {folder} is in use ({path} keeps reappearing); pass another --workdir')
   except OSError as e:  # (RunFolderBusy is not an OSError: it passes.)
     raise _not_writable(folder, e) from None
-  _held[key] = 1
+  _held.add(key)
   try:
     _check_tree_writable(folder)
     yield
   finally:
-    del _held[key]
+    _held.discard(key)
     with contextlib.suppress(OSError):
       os.unlink(path)
     if created:
