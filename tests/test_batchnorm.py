@@ -1,6 +1,7 @@
 """BatchNorm state: the train step folds each batch into params['model_state'],
-the optimiser never touches it, evaluation does not depend on the batch, and a
-loss that drops it is an error (see the docstring of geomrobust/methods/base.py)."""
+the optimiser never touches it, evaluation does not depend on the batch (and the
+evaluation's batch-size check flags a model that does), and a loss that drops
+it is an error (see the docstring of geomrobust/methods/base.py)."""
 
 import flax.linen as nn
 import jax
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from geomrobust import config as config_lib
+from geomrobust import evaluation
+from geomrobust import parallel
 from geomrobust.methods import base
 from geomrobust.methods.standard import Standard
 from geomrobust.models.mlp import MLP
@@ -184,6 +187,32 @@ def test_eval_logits_use_the_running_averages_not_the_batch():
   h = np.maximum(_normalise(h, *stat('bn_hidden')), 0.0)
   np.testing.assert_allclose(full, h @ np.asarray(m['out']['kernel']) + np.asarray(m['out']['bias']),
                              rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_check_flags_batchnorm_on_batch_statistics():
+  """The shared evaluation's ``batch_size_invariance`` check: BatchNorm left in train
+  mode normalises each chunk by its own statistics, so an example's logits depend
+  on the batch it is evaluated in; the same network in eval mode passes."""
+  model = TinyBN()
+  x = _data(11, n=64)['image']
+  variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+  on_running = lambda v, xx, rng=None: model.apply(v, xx)[0]
+  on_batch = lambda v, xx, rng=None: model.apply(v, xx, train=True, mutable=['batch_stats'])[0][0]
+  y = jnp.argmax(on_running(variables, x), -1)
+  ev = config_lib.default_config().eval
+  evaluation.profiles.apply_profile(ev, 'quick')
+  ev.update(dict(attacks=('pgd',), eps=(0.5,), check_eps=0.5, pgd_steps=5, noise_samples=2, batch_size=32,
+                 trajectories=0))
+  checks = {}
+  for name, fn in (('running', on_running), ('batch', on_batch)):
+    res = evaluation.evaluate(fn, variables, x, y, ev, parallel.make_mesh(1), log=lambda s: None, box=None)
+    checks[name] = res['sanity']['batch_size_invariance']
+  assert checks['running']['passed'], checks['running']
+  assert 'Clean scores: max difference 0, ' in checks['running']['detail'], checks['running']
+  assert not checks['batch']['passed'], checks['batch']
+  # What gave it away: logits far beyond float rounding between batch sizes 32 and 16.
+  rel = float(checks['batch']['detail'].split(' of the score scale')[0].split(', ')[-1])
+  assert rel > 1e-2, checks['batch']['detail']
 
 
 class ForgetsState(Standard):

@@ -3,11 +3,13 @@ that pass an honest model and flag gradient-masked ones."""
 
 import jax
 import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
 import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from geomrobust import attacks
 from geomrobust import config as config_lib
 from geomrobust import evaluation
 from geomrobust import parallel
@@ -126,6 +128,126 @@ def test_verdicts_do_not_depend_on_batch_size_subset_or_grid(honest):
   a = _run(_mlp, params, x, y, _ev(sanity=False, attacks=('pgd',), eps=(0.1,)))['masks']['pgd@0.1']
   b = _run(_mlp, params, x, y, _ev(sanity=False, attacks=('pgd',), eps=(0.05, 0.1)))['masks']['pgd@0.1']
   np.testing.assert_array_equal(a, b)
+
+
+# Float noise the batch-size check must forgive. XLA tiles a vmapped batch of
+# B examples differently for different B, so a gradient that is itself at the
+# rounding level (a confident example's CE gradient) can change sign with B
+# while the logits stay bit-identical. `_rounding_noise` makes that
+# deterministic: the identity, except that under a vmap of B examples the
+# gradient flowing back through it gets NOISE * (a +-1 pattern seeded by B).
+NOISE = 1e-7  # ~ float32 rounding of an O(1) gradient term
+
+
+@custom_vmap
+def _batch_pattern(g):
+  return g
+
+
+@_batch_pattern.def_vmap
+def _batch_pattern_rule(axis_size, in_batched, g):
+  if not in_batched[0]:
+    return g, False
+  pattern = np.random.default_rng(axis_size).choice([-1.0, 1.0], g.shape[1:])
+  return g + NOISE * jnp.asarray(pattern, g.dtype), True
+
+
+@jax.custom_vjp
+def _rounding_noise(x):
+  return x
+
+
+_rounding_noise.defvjp(lambda x: (x, None), lambda _, g: (_batch_pattern(g),))
+
+
+def _confident(params, x, rng=None):
+  """The honest MLP with its logits doubled (the same decisions, more confident):
+  the CE gradient of many examples falls to ~1e-7 or below, where its sign is the batch's noise."""
+  return 2.0 * _mlp(params, _rounding_noise(x), rng)
+
+
+def test_float_noise_verdict_flips_pass_the_batch_size_check(honest):
+  params, x, y = honest
+  ev = _ev(attacks=('pgd',), check_eps=0.1)
+  res = _run(_confident, params, x, y, ev)
+  check = res['sanity']['batch_size_invariance']
+  # The old check (at most one verdict may change) fails this model: several
+  # PGD verdicts change between batch sizes 32 and 16 ...
+  (pgd,) = [r for r in recipes.resolve(_ev(attacks=('pgd',), sanity=False))]
+  mesh, idx, key = parallel.make_mesh(1), jnp.arange(N, dtype=jnp.int32), suite.attack_key(0, 'pgd', 0.1)
+  verdicts = [np.asarray(suite.correct_fn(_confident, pgd, bs, mesh)(params, x, y, idx, key, jnp.float32(0.1), None))
+              for bs in (32, 16)]
+  flips = np.flatnonzero(verdicts[0] != verdicts[1])
+  assert len(flips) >= 2, flips
+  np.testing.assert_array_equal(verdicts[0], res['masks']['pgd@0.1'])
+  # ... while the logits are bit-identical and every flip is at a float-noise gradient.
+  assert check['passed'], check
+  assert 'Clean scores: max difference 0, 0 of the score scale' in check['detail'], check
+  assert f'verdicts at eps=0.1: {len(flips)} change, {len(flips)} of them at the' in check['detail'], check
+  assert '0 elsewhere' in check['detail'], check
+  # Without the noise (the same model, its gradient exact at every batch size) nothing flips.
+  exact = _run(lambda p, xx, r=None: 2.0 * _mlp(p, xx, r), params, x, y, ev)['sanity']['batch_size_invariance']
+  assert exact['passed'] and 'verdicts at eps=0.1: 0 change' in exact['detail'], exact
+
+
+def test_batch_probe_sees_the_attack_start_and_first_step(honest):
+  """The probe behind the batch-size check mirrors how PGD starts: the same
+  start points and the same first step as the attack itself, and the clean logits."""
+  params, x, y = honest
+  (pgd,) = [r for r in recipes.resolve(_ev(attacks=('pgd',), sanity=False))]
+  eps, mesh, idx = 0.1, parallel.make_mesh(1), jnp.arange(N, dtype=jnp.int32)
+  rng = suite.attack_key(0, 'pgd', eps)
+  scores, starts, directions = suite.probe_fn(_mlp, pgd, 32, mesh)(params, x, y, idx, suite.attack_key(0, 'clean', 0.0),
+                                                                   rng, jnp.float32(eps))
+  assert starts.shape == (N, pgd.restarts) and directions.shape == (N, pgd.restarts, D)
+  np.testing.assert_allclose(scores, _mlp(params, x), rtol=1e-6, atol=1e-6)
+  keys = jax.vmap(jax.random.fold_in, (0, None))(jax.vmap(jax.random.fold_in, (None, 0))(rng, idx), 1)
+  logits_fn = lambda xx, r: _mlp(params, xx, r)
+  one = lambda xi, yi, ki, **kw: attacks.pgd(logits_fn, xi[None], yi[None], ki, eps=eps, restarts=1, **kw)[0]
+  x0 = jax.vmap(lambda xi, yi, ki: one(xi, yi, ki, steps=0))(x, y, keys)  # restart 0's start
+  np.testing.assert_array_equal(starts[:, 0], jax.vmap(suite.fingerprint)(x0))
+  # One small step from there moves each coordinate away from the ball's and the box's faces by the probe's sign.
+  step = 1e-2 * eps
+  x1 = jax.vmap(lambda xi, yi, ki: one(xi, yi, ki, steps=1, step_size=step, return_last=True))(x, y, keys)
+  free = (np.abs(np.asarray(x0 - x)) < eps - step) & (np.asarray(x0) > step) & (np.asarray(x0) < 1 - step)
+  assert free.mean() > 0.5
+  np.testing.assert_array_equal(np.sign(np.asarray(x1 - x0))[free], np.asarray(directions[:, 0])[free])
+
+
+def test_batch_size_check_tolerances():
+  """The check's arithmetic on measured arrays: what it forgives and what it does not."""
+  n = 10
+  s = np.tile(np.array([[4.0, -1.0, 0.5]], np.float32), (n, 1))
+  s[1] = [2.0, 2.0, 0.0]  # a top-two tie
+  v = np.ones(n, bool)
+  same = np.ones(n, bool)
+  no_noise = np.zeros(n)
+
+  def check(s_b=s, starts=same, noise=no_noise, v_b=v):
+    return sanity.batch_size_check((s, s_b), starts, noise, (v, v_b), sizes=(10, 5), attack='pgd', eps=0.1)
+
+  assert check()['passed']
+  # Scores: rounding (1e-6 of the scale) passes; 1e-3 of it (a batch-dependent model) fails.
+  assert check(s + 4e-6)['passed'] and not check(s + 4e-3)['passed']
+  # A prediction may change at a tie within the tolerance (elsewhere a change needs
+  # scores beyond it).
+  tied = s.copy()
+  tied[1] = [2.0, 2.0 + 1e-4, 0.0]
+  assert check(tied)['passed'] and '1 predictions change (1 at a top-two tie' in check(tied)['detail']
+  # Starts must be identical.
+  assert not check(starts=np.arange(n) != 3)['passed']
+  # Verdicts: one unexplained change is allowed, two are not, unless their first steps differ.
+  one, two = v.copy(), v.copy()
+  one[4] = False
+  two[4:6] = False
+  assert check(v_b=one)['passed'] and not check(v_b=two)['passed']
+  noisy = no_noise.copy()
+  noisy[4:6] = 2.0  # a sign of the first step differs
+  assert check(v_b=two, noise=noisy)['passed']
+  assert check(v_b=two, noise=noisy)['value'] == 0.0 and check(v_b=two)['value'] == pytest.approx(0.2)
+  tie_flip = v.copy()
+  tie_flip[[1, 4]] = False  # example 1 is a top-two tie: its verdict is rounding too
+  assert check(v_b=tie_flip)['passed']
 
 
 def test_compiled_attacks_are_reused_across_models(honest):

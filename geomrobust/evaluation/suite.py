@@ -5,7 +5,10 @@ Every attack is ``vmap``-ed over examples with a per-example key
 draws and verdict depend on nothing but the example, so results do not depend
 on the evaluation batch size or on which other examples are evaluated, which
 is what lets the sanity checks re-attack a subset (or re-batch the set) and
-compare verdict by verdict. An :class:`Evaluator` keeps its compiled programs
+compare verdict by verdict. What stays batch-dependent is float rounding (XLA
+tiles a batch of B examples differently for different B); :func:`probe_fn`
+measures it for the batch-size check (clean scores, attack starts and first
+steps). An :class:`Evaluator` keeps its compiled programs
 per (model function, recipe, batch size, mesh), so evaluating many models of
 one architecture with one evaluator compiles each attack once; there is no
 module-level cache.
@@ -24,6 +27,7 @@ import numpy as np
 
 from geomrobust import attacks
 from geomrobust import parallel
+from geomrobust.attacks import common as attack_common
 from geomrobust.evaluation import recipes as recipes_lib
 from geomrobust.evaluation import sanity as sanity_lib
 from geomrobust.parallel import batching
@@ -43,17 +47,23 @@ def attack_key(seed: int, name: str, eps: float) -> jax.Array:
   return jax.random.fold_in(rng, int(round(float(eps) * 1e6)))
 
 
+def _scores(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, model_key):
+  """What the verdicts take the argmax of, [B, C]: the logits; for a stochastic
+  model (no ``model_key``), the mean probabilities over ``eot`` draws per
+  example, drawn from ``split(keys[i], eot)``."""
+  if model_key is not None or not stochastic:
+    return apply_fn(params, x, model_key)
+
+  def one(xi, ki):
+    return jax.vmap(lambda k: jax.nn.softmax(apply_fn(params, xi[None], k)[0]))(jax.random.split(ki, eot)).mean(0)
+
+  return jax.vmap(one)(x, keys)
+
+
 def _predict(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, model_key):
   """Labels [B]. Stochastic models vote by mean probability over ``eot`` draws
   per example; ``model_key`` (frozen noise) makes any model deterministic."""
-  if model_key is not None or not stochastic:
-    return jnp.argmax(apply_fn(params, x, model_key), -1)
-
-  def one(xi, ki):
-    probs = jax.vmap(lambda k: jax.nn.softmax(apply_fn(params, xi[None], k)[0]))(jax.random.split(ki, eot))
-    return jnp.argmax(probs.mean(0))
-
-  return jax.vmap(one)(x, keys)
+  return jnp.argmax(_scores(apply_fn, params, x, keys, eot, stochastic, model_key), -1)
 
 
 def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, keys, eps, model_key,
@@ -118,6 +128,76 @@ def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1,
   return jax.jit(run)
 
 
+def fingerprint(x: jax.Array) -> jax.Array:
+  """uint32 []: an integer hash of the float32 bits of ``x`` (any shape), exact
+  (integer arithmetic mod 2**32), so equal arrays give equal hashes however a
+  program is tiled, and a change of any entry changes it."""
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32).reshape(-1)
+  weights = (2 * jnp.arange(bits.shape[0], dtype=jnp.uint32) + 1) * jnp.uint32(2654435761)
+  return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def _first_steps(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, keys, eps, box):
+  """Where each restart of ``recipe`` starts and its first step direction, per example (vmap).
+
+  Mirrors the start of ``attacks.pgd`` and ``attacks.apgd``: restart ``r`` of
+  example ``i`` splits ``fold_in(keys[i], r)`` into (init, model) keys, starts
+  at the projected uniform point of the ball, and takes the (EOT) gradient of
+  the attack loss there with the model key ``fold_in(model key, 0)``.
+  Returns ``(start fingerprints uint32 [B, R], directions [B, R, ...])``: a
+  start's :func:`fingerprint`; a direction is ``attacks.step_direction`` of
+  the gradient (sign for linf).
+  """
+  opts = recipe.kwargs
+  norm, eot = opts.get('norm', 'linf'), int(opts.get('eot_samples', 1))
+  loss = recipes_lib.loss_name(recipe) or 'ce'
+  random_start = bool(opts.get('random_start', True))
+
+  def one(xi, yi, ki):
+    xi = xi[None]
+    goal = attack_common.make_goal(loss, yi[None])
+    value_and_grad = attacks.eot_value_and_grad(lambda xx, r: apply_fn(params, xx, r), goal.objective, eot)
+
+    def restart(r):
+      k_init, k_model = jax.random.split(jax.random.fold_in(ki, r))
+      x0 = xi
+      if random_start:
+        x0 = attacks.project(xi + attacks.random_init(k_init, xi, eps, norm), xi, eps, norm, box=box)
+      grad = value_and_grad(x0, jax.random.fold_in(k_model, 0)).grad
+      return fingerprint(x0), attacks.step_direction(grad, norm)[0]
+
+    return jax.lax.map(restart, jnp.arange(max(recipe.restarts, 1)))
+
+  return jax.vmap(one)(x, y, keys)
+
+
+def probe_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, batch_size: int, mesh, eot: int = 1,
+             stochastic: bool = False, box=attacks.UNIT_BOX):
+  """Jitted ``(params, x [N, ...], y, idx, clean_rng, attack_rng, eps) -> (scores, starts, directions)``:
+  what the batch-size sanity check compares between two batch sizes.
+
+  Runs in ``batch_size`` chunks exactly like :func:`correct_fn`. ``scores``
+  float32 [N, C]: what the clean verdict takes the argmax of (:func:`_scores`,
+  with the clean evaluation's keys ``clean_rng``); ``starts`` uint32 [N, R]
+  and ``directions`` [N, R, ...]: the start and first step direction of every
+  restart of ``recipe`` (:func:`_first_steps`, with the attack's keys
+  ``attack_rng``).
+  """
+
+  def run(params, x, y, idx, clean_rng, attack_rng, eps):
+    def chunk(inp):
+      xb, yb, ib = parallel.shard_batch(inp, mesh)
+      pred_keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(clean_rng, ib), 2)
+      scores = _scores(apply_fn, params, xb, pred_keys, eot, stochastic, None).astype(jnp.float32)
+      keys = jax.vmap(jax.random.fold_in, (0, None))(_example_keys(attack_rng, ib), 1)
+      starts, directions = _first_steps(apply_fn, recipe, params, xb, yb, keys, eps, box)
+      return scores, starts, directions
+
+    return batching.map_batches(chunk, (x, y, idx), batch_size)
+
+  return jax.jit(run)
+
+
 class Evaluator:
   """The shared evaluation with its compiled programs.
 
@@ -146,6 +226,13 @@ class Evaluator:
       self._fns[key] = correct_fn(*args, **kwargs)
     return self._fns[key]
 
+  def probe_fn(self, *args, **kwargs):
+    """:func:`probe_fn`, built once per distinct arguments."""
+    key = ('probe', args, tuple(sorted(kwargs.items())))
+    if key not in self._fns:
+      self._fns[key] = probe_fn(*args, **kwargs)
+    return self._fns[key]
+
   def losses_fn(self, *args):
     key = ('losses', args)
     if key not in self._fns:
@@ -169,6 +256,12 @@ class _Runner:
     self.x, self.y = x, y
     self.idx = jnp.arange(self.n, dtype=jnp.int32)
 
+  def chunk_size(self, batch_size: int, count: int) -> int:
+    """The chunk ``batch_size`` gives on ``count`` examples: chunks must split evenly
+    over the devices, and a subset may be smaller than a batch."""
+    devices = self.mesh.devices.size
+    return max(min(batch_size, count) // devices * devices, devices)
+
   def mask(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None,
            with_inputs=False):
     """bool [N] (or [len(subset)]): correct after ``recipe`` at ``eps``. The cell key
@@ -181,9 +274,7 @@ class _Runner:
         return np.zeros((0,), bool)
       sel = jnp.asarray(subset, jnp.int32)
       x, y, idx = x[sel], y[sel], idx[sel]
-    # Chunks must split evenly over the devices; a subset may be smaller than a batch.
-    devices = self.mesh.devices.size
-    bs = max(min(bs, int(idx.shape[0])) // devices * devices, devices)
+    bs = self.chunk_size(bs, int(idx.shape[0]))
     fn = self.evaluator.correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic,
                                    with_inputs=with_inputs, box=self.box)
     name = key_name or (recipe.name if recipe is not None else 'clean')
@@ -191,6 +282,29 @@ class _Runner:
     if with_inputs:
       return np.asarray(out[0]), np.asarray(out[1])
     return np.asarray(out)
+
+  def probe(self, recipe, eps, batch_size: int):
+    """:func:`probe_fn` on every example at ``batch_size``, with the clean
+    evaluation's keys and ``recipe``'s keys at ``eps`` (device arrays)."""
+    bs = self.chunk_size(batch_size, self.n)
+    fn = self.evaluator.probe_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic, box=self.box)
+    seed = int(self.ev.seed)
+    return fn(self.params, self.x, self.y, self.idx, attack_key(seed, 'clean', 0.0), attack_key(seed, recipe.name, eps),
+              jnp.float32(eps))
+
+  def batch_probe(self, recipe, eps, batch_sizes: tuple[int, int]) -> dict:
+    """:meth:`probe` at two batch sizes, compared example by example (numpy [N] arrays
+    unless noted): ``scores`` (two [N, C]), ``starts_equal`` (every restart starts at
+    the same point), ``direction_diff`` (over restarts, the largest entry of
+    ``|d_a - d_b|`` relative to the largest of ``|d_a|, |d_b|``: for linf 0 when
+    every sign agrees, >= 1 when one differs)."""
+    (s_a, st_a, d_a), (s_b, st_b, d_b) = (self.probe(recipe, eps, bs) for bs in batch_sizes)
+    axes = tuple(range(2, d_a.ndim))
+    diff = jnp.max(jnp.abs(d_a - d_b), axis=axes)
+    scale = jnp.maximum(jnp.max(jnp.abs(d_a), axis=axes), jnp.max(jnp.abs(d_b), axis=axes))
+    rel = jnp.where(diff > 0, diff / jnp.maximum(scale, jnp.finfo(jnp.float32).tiny), 0.0)
+    return dict(scores=(np.asarray(s_a), np.asarray(s_b)), starts_equal=np.asarray(jnp.all(st_a == st_b, axis=1)),
+                direction_diff=np.asarray(jnp.max(rel, axis=1)))
 
 
 def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.ConfigDict, mesh, *,
