@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = 0
   c.eval.batch_size = 500
   c.eval.eps = (2 / 255, 4 / 255, EPS)
-  # Smoke: a narrow ResNet and a 2-step training attack keep the path, not the cost.
-  c.smoke = ('model.width=4', 'method.steps=2', 'data.verify=false')
+  # Smoke: a narrow ResNet, a 2-step training attack and one PGD and one APGD
+  # attack (the other losses run in the MNIST smokes) keep the path, not the cost.
+  c.smoke = ('model.width=4', 'method.steps=2', 'data.verify=false', 'eval.attacks=pgd,apgd_dlr')
   return c
