@@ -14,6 +14,7 @@ Rerunning the same command on the same --workdir resumes where it stopped; one
 process writes a run folder at a time (run.lock).
 """
 
+import os
 import shlex
 import sys
 
@@ -43,7 +44,12 @@ _OVERRIDES = []
 
 def _fail(msg: str) -> None:
   print(f'error: {msg}', file=sys.stderr)
-  sys.exit(2)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Not sys.exit: after a failed checkpoint read, orbax's leftover coroutines
+  # print tracebacks at interpreter shutdown, burying the one line. Nothing of
+  # ours is open any more (locks are released as the error unwinds).
+  os._exit(2)
 
 
 def main(argv):

@@ -218,14 +218,22 @@ def _killed_and_full(tmp_path_factory):
 
 
 @pytest.mark.parametrize('which,where', [('data', 0), ('data', 0.5), ('data', 0.9), ('_METADATA', 0.5),
-                                         ('manifest.ocdbt', 0)])
+                                         ('manifest.ocdbt', 0), ('data', 'flip')])
 def test_resume_falls_back_past_a_damaged_checkpoint(_killed_and_full, tmp_path, which, where):
   cfg, full, part = _killed_and_full
   run = tmp_path / 'run'
   shutil.copytree(part, run)
   victim = _data_file(run / 'checkpoints' / '3') if which == 'data' else run / 'checkpoints' / '3' / 'default' / which
   size = victim.stat().st_size
-  os.truncate(victim, int(size * where))
+  if where == 'flip':  # same size, changed bytes
+    with open(victim, 'r+b') as f:
+      f.seek(size // 2)
+      inverted = bytes(255 - b for b in f.read(16))
+      f.seek(size // 2)
+      f.write(inverted)
+    assert victim.stat().st_size == size
+  else:
+    os.truncate(victim, int(size * where))
   x, y = tiny_data()
   lines = []
   resumed = loop.train(_method(cfg), x, y, x[:64], y[:64], cfg, run, parallel.make_mesh(1), log=lines.append)
@@ -236,6 +244,19 @@ def test_resume_falls_back_past_a_damaged_checkpoint(_killed_and_full, tmp_path,
   chex.assert_trees_all_equal(resumed.params, full.params)  # as if never interrupted
   assert [r['epoch'] for r in runio.read_metrics(run / 'metrics.jsonl')] == [1, 2, 3, 4]
   assert (run / 'damaged_checkpoints' / '3').is_dir()  # moved aside, not deleted
+
+
+def test_a_run_written_without_digests_is_checked_by_restoring(_killed_and_full, tmp_path):
+  cfg, full, part = _killed_and_full
+  run = tmp_path / 'run'
+  shutil.copytree(part, run)
+  (run / 'checkpoints' / 'digests.json').unlink()  # as written before digests were recorded
+  os.truncate(_data_file(run / 'checkpoints' / '3'), 100)
+  x, y = tiny_data()
+  lines = []
+  resumed = loop.train(_method(cfg), x, y, x[:64], y[:64], cfg, run, parallel.make_mesh(1), log=lines.append)
+  assert resumed.resumed_from == 2 and any('checkpoints/3 is damaged' in l for l in lines), lines
+  chex.assert_trees_all_equal(resumed.params, full.params)
 
 
 def test_a_damaged_final_checkpoint_is_not_read_as_the_model(_killed_and_full, tmp_path):

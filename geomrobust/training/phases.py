@@ -39,9 +39,11 @@ a phase, the checkpoint tree, the compiled round, and what a round reports.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Protocol, Sequence
 
@@ -238,12 +240,13 @@ def restore_tree(workdir: pathlib.Path, round_: int | None = None, phase: str | 
       raise FileNotFoundError(f'no checkpoint in {ckpt}')
     if step not in mngr.all_steps():
       raise FileNotFoundError(f'no checkpoint {step} in {ckpt} (it has {mngr.all_steps()})')
-    tree, why = _try_restore(mngr, step)
+    why = damage(workdir, step)
+    tree, why = (None, why) if why else _try_restore(mngr, step)  # (a second restore only for old runs)
     if why is None:
       return tree, step
     # The weights asked for are gone: say so (another checkpoint's weights
     # would be a different model under this run's name).
-    older, _ = newest_intact(mngr, below=step)
+    older, _ = newest_intact(mngr, workdir, below=step)
     retrain = (f'the newest intact checkpoint is {older}: to regenerate these weights, move '
                f'{pathlib.Path(workdir) / "results.json"} aside and rerun the training command (it resumes from '
                f'{older}, setting the damaged one aside, and ends with the same weights)' if older is not None
@@ -260,18 +263,95 @@ def _try_restore(mngr: ocp.CheckpointManager, step: int):
   except Exception as e:  # pylint: disable=broad-except
     # A truncated or garbled file surfaces as JSON, TensorStore (ValueError)
     # or plain Exception errors from orbax: any failure to read is damage.
+    _quiet_failed_read_callbacks()
     first = (str(e).splitlines() or [''])[0].split(' See full TensorStore details')[0]
     return None, f'{type(e).__name__}: {first[:160]}'
 
 
-def newest_intact(mngr: ocp.CheckpointManager, below: int | None = None) -> tuple[int | None, list]:
+def _quiet_failed_read_callbacks() -> None:
+  """After a failed read, TensorStore's pending callbacks reach orbax's closed
+  asyncio loop and each prints an unraisable 'Event loop is closed'
+  traceback; the failure has been reported already, so those are dropped
+  (any other unraisable exception still goes to the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'geomrobust_quiet', False):
+    return
+
+  def hook(info):
+    if isinstance(info.exc_value, RuntimeError) and 'Event loop is closed' in str(info.exc_value):
+      return
+    previous(info)
+
+  hook.geomrobust_quiet = True
+  sys.unraisablehook = hook
+
+
+DIGEST_FILE = 'digests.json'
+
+
+def _item_files(step_dir: pathlib.Path) -> dict[str, pathlib.Path]:
+  """The files a restore reads (the saved item; not orbax's own bookkeeping
+  beside it, which it may rewrite)."""
+  item = step_dir / 'default'
+  return {str(p.relative_to(step_dir)): p for p in sorted(item.rglob('*')) if p.is_file()}
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      h.update(block)
+  return h.hexdigest()
+
+
+def record_digest(workdir: pathlib.Path, step: int) -> None:
+  """Adds checkpoint ``step``'s file digests to ``checkpoints/digests.json``
+  (and drops those of deleted checkpoints): damage is then found by hashing,
+  without asking the storage library to read a broken file."""
+  ckpt = pathlib.Path(workdir) / 'checkpoints'
+  path = ckpt / DIGEST_FILE
+  digests = runio.read_json(path) if path.exists() else {}
+  digests = {k: v for k, v in digests.items() if (ckpt / k).is_dir()}
+  digests[str(step)] = {name: [p.stat().st_size, _sha256(p)] for name, p in _item_files(ckpt / str(step)).items()}
+  runio.write_json(path, digests)
+
+
+def damage(workdir: pathlib.Path, step: int) -> str | None:
+  """Why checkpoint ``step`` is damaged (a file missing, resized or changed
+  since its digest was recorded; for a checkpoint without digests, the
+  error restoring it), or None when it is intact."""
+  ckpt = pathlib.Path(workdir) / 'checkpoints'
+  path = ckpt / DIGEST_FILE
+  recorded = (runio.read_json(path) if path.exists() else {}).get(str(step))
+  if recorded is None:
+    mngr = checkpoint_manager(workdir, read_only=True)
+    try:
+      return _try_restore(mngr, step)[1]
+    finally:
+      mngr.close()
+  files = _item_files(ckpt / str(step))
+  for name, (size, digest) in recorded.items():
+    p = files.get(name)
+    if p is None:
+      return f'{name} is missing'
+    if p.stat().st_size != size:
+      return f'{name} has {p.stat().st_size} bytes, {size} were written'
+    if _sha256(p) != digest:
+      return f'{name} changed since it was written'
+  return None
+
+
+def newest_intact(mngr: ocp.CheckpointManager, workdir: pathlib.Path,
+                  below: int | None = None) -> tuple[int | None, list]:
   """``(newest checkpoint that restores, [(step, why)] of the damaged ones
-  newer than it])``, among the steps ``< below`` (all when None)."""
+  newer than it])``, among the steps ``< below`` (all when None). A
+  checkpoint with recorded digests is checked by them; an older one by
+  restoring it."""
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
     if below is not None and step >= below:
       continue
-    _, why = _try_restore(mngr, step)
+    why = damage(workdir, step)
     if why is None:
       return step, damaged
     damaged.append((step, why))
@@ -296,7 +376,7 @@ def resume_point(workdir: pathlib.Path, log: Callable[[str], None], tag: str = '
   try:
     if mngr.latest_step() is None:
       return 0
-    good, damaged = newest_intact(mngr)
+    good, damaged = newest_intact(mngr, workdir)
   finally:
     mngr.close()
   if good is None:
@@ -504,6 +584,7 @@ def run_phases(trainer: Trainer, segments: Sequence[Segment], *, workdir: pathli
           with_opt = done != seg.end or seg is segments[-1]
           mngr.save(done, args=ocp.args.StandardSave(trainer.tree(state, with_opt=with_opt)))
           mngr.wait_until_finished()
+          record_digest(workdir, done)
         if r == max(seg.start, start):
           first_round[seg.name] = dt
         round_times.append(dt)
