@@ -130,10 +130,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
       return train_and_evaluate(groups[0].members[0].config, workdir, data_dir, log=log)
     if config.get('sweep'):
       check_workdir_config(workdir, config)
-    for m in (m for g in groups for m in g.members):
-      check_workdir_config(workdir / m.name, m.config)
     ctx = _Context(config, data_dir)
     for m in (m for g in groups for m in g.members):
+      check_workdir_config(workdir / m.name, m.config)
       ctx.data(m.config)  # Every dataset loads (or fails) before anything is written.
     runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
     t_start = time.perf_counter()

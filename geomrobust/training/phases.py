@@ -240,8 +240,8 @@ def restore_tree(workdir: pathlib.Path, round_: int | None = None, phase: str | 
       raise FileNotFoundError(f'no checkpoint in {ckpt}')
     if step not in mngr.all_steps():
       raise FileNotFoundError(f'no checkpoint {step} in {ckpt} (it has {mngr.all_steps()})')
-    why = damage(workdir, step)
-    tree, why = (None, why) if why else _try_restore(mngr, step)  # (a second restore only for old runs)
+    _, why = _digest_damage(workdir, step)
+    tree, why = (None, why) if why else _try_restore(mngr, step)
     if why is None:
       return tree, step
     # The weights asked for are gone: say so (another checkpoint's weights
@@ -316,29 +316,31 @@ def record_digest(workdir: pathlib.Path, step: int) -> None:
   runio.write_json(path, digests)
 
 
-def damage(workdir: pathlib.Path, step: int) -> str | None:
-  """Why checkpoint ``step`` is damaged (a file missing, resized or changed
-  since its digest was recorded; for a checkpoint without digests, the
-  error restoring it), or None when it is intact."""
+def _digest_damage(workdir: pathlib.Path, step: int) -> tuple[bool, str | None]:
+  """``(has digests, why damaged or None)`` of checkpoint ``step`` by its
+  recorded digests (a file missing, resized or changed since written)."""
   ckpt = pathlib.Path(workdir) / 'checkpoints'
   path = ckpt / DIGEST_FILE
   recorded = (runio.read_json(path) if path.exists() else {}).get(str(step))
   if recorded is None:
-    mngr = checkpoint_manager(workdir, read_only=True)
-    try:
-      return _try_restore(mngr, step)[1]
-    finally:
-      mngr.close()
+    return False, None
   files = _item_files(ckpt / str(step))
   for name, (size, digest) in recorded.items():
     p = files.get(name)
     if p is None:
-      return f'{name} is missing'
+      return True, f'{name} is missing'
     if p.stat().st_size != size:
-      return f'{name} has {p.stat().st_size} bytes, {size} were written'
+      return True, f'{name} has {p.stat().st_size} bytes, {size} were written'
     if _sha256(p) != digest:
-      return f'{name} changed since it was written'
-  return None
+      return True, f'{name} changed since it was written'
+  return True, None
+
+
+def damage(mngr: ocp.CheckpointManager, workdir: pathlib.Path, step: int) -> str | None:
+  """Why checkpoint ``step`` is damaged (by its digests; for a checkpoint
+  written without them, the error restoring it), or None when it is intact."""
+  has_digests, why = _digest_damage(workdir, step)
+  return why if has_digests else _try_restore(mngr, step)[1]
 
 
 def newest_intact(mngr: ocp.CheckpointManager, workdir: pathlib.Path,
@@ -351,7 +353,7 @@ def newest_intact(mngr: ocp.CheckpointManager, workdir: pathlib.Path,
   for step in sorted(mngr.all_steps(), reverse=True):
     if below is not None and step >= below:
       continue
-    why = damage(workdir, step)
+    why = damage(mngr, workdir, step)
     if why is None:
       return step, damaged
     damaged.append((step, why))
