@@ -224,3 +224,46 @@ def test_projection_and_input_errors():
     mftma.analyze(np.full((2, 5, 3), np.nan))
   with pytest.raises(ValueError, match='kappa'):
     mftma.analyze(np.ones((2, 5, 3)), kappa=-1)
+
+
+@pytest.mark.parametrize('kappa', [0.0, 0.5])
+def test_analyze_is_the_checked_anchor_stage_on_its_own_problems(kappa):
+  # analyze() = center removal + span reduction + the anchor stage checked against the reference above.
+  x = _manifolds(np.random.default_rng(13))
+  out = mftma.analyze(x, kappa=kappa, n_t=100, seed=3, data_dimensions=False)
+  with jax.enable_x64(True):
+    x64 = jnp.asarray(x, jnp.float64)
+    x64 = x64 - jnp.mean(x64, axis=(0, 2), keepdims=True)
+    _, k, shared = mftma.center_subspace(np.asarray(jnp.mean(x64, axis=2).T), 3)
+    s, t, gram, b = mftma._anchor_problems(x64, jnp.asarray(shared), jax.random.fold_in(jax.random.key(3), 1),
+                                          kappa, 100)
+    s, t = np.asarray(s), np.asarray(t)
+  assert k == out['K']
+  np.testing.assert_allclose(np.asarray(b), np.einsum('pnd,pdm->pnm', t, s) + kappa, rtol=1e-12)
+  np.testing.assert_allclose(s[:, -1], 1.0)
+  np.testing.assert_allclose(np.mean(s[:, :-1], axis=2), 0.0, atol=1e-7)   # each manifold about its center
+  # Its points are the data with the shared center directions removed, centered, in units of the center's norm.
+  kept = np.asarray(x64) - np.einsum('nk,pkm->pnm', shared, np.einsum('nk,pnm->pkm', shared, np.asarray(x64)))
+  center = kept.mean(axis=2, keepdims=True)
+  np.testing.assert_allclose(np.linalg.norm(s[:, :-1], axis=1),
+                             np.linalg.norm(kept - center, axis=1) / np.linalg.norm(center, axis=1), rtol=1e-8)
+  want, _ = _geometry(s, t, kappa)
+  np.testing.assert_allclose(np.stack([out['capacity_all'], out['radius_all'], out['dimension_all']], 1), want,
+                             rtol=1e-10)
+
+
+def test_whole_analysis_agrees_with_the_reference_on_correlated_centers():
+  # 20 manifolds (4-dim clouds, 30 points, 300 features) around centers sharing a 2-d structure.
+  # The reference's manifold_analysis_corr over 5 seeds gave (mean +- sd): capacity 0.3904 +- 0.0084,
+  # radius 1.264 +- 0.017, dimension 3.128 +- 0.036, center correlation 0.43023, K = 2 (4 seeds), 3 (1).
+  rng = np.random.default_rng(7)
+  p, n, m = 20, 300, 30
+  shared = rng.standard_normal((n, 2))
+  centers = shared @ rng.standard_normal((2, p)) * 2 + rng.standard_normal((n, p))
+  x = np.stack([centers[:, [i]] + 0.6 * rng.standard_normal((n, 4)) @ rng.standard_normal((4, m)) for i in range(p)])
+  out = mftma.analyze(x, kappa=0.0, n_t=200, seed=0, data_dimensions=False)
+  assert out['center_correlation'] == pytest.approx(0.430229020152418, rel=1e-9)
+  assert out['K'] in (2, 3)
+  assert out['capacity'] == pytest.approx(0.3904, abs=3 * 0.0106)
+  assert out['radius'] == pytest.approx(1.264, abs=3 * 0.017)
+  assert out['dimension'] == pytest.approx(3.128, abs=3 * 0.043)
