@@ -517,7 +517,7 @@ def analyze(manifolds, kappa: float = 0.0, n_t: int = 200, seed: int = 0, *, max
   p, n, m = x.shape
   if max_features is not None and n > max_features:
     proj = projection(n, max_features, projection_seed)
-    x = np.einsum('pnm,nk->pkm', x, proj)
+    x = np.swapaxes(np.swapaxes(x, 1, 2) @ proj, 1, 2)   # [P, max_features, M]
     n = max_features
   with jax.enable_x64(True):
     x = jnp.asarray(x, jnp.float64)
