@@ -7,6 +7,7 @@
   python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
   python launch.py --experiment=madry_mnist --setting=full        # a named setting (paper-sized run)
   python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate (rewrites its results)
+  python launch.py --analyze=WORKDIR --config.geometry.eps=0,0.1   # manifold geometry (MFTMA) of a finished run
   python launch.py --experiments_dir=my_experiments --experiment=mine  # your own experiment files
 
 Any config field can be overridden with --config.a.b=value (type- and range-checked).
@@ -36,6 +37,11 @@ flags.DEFINE_bool('smoke', False, 'Shrink the experiment to a sub-minute CPU run
 flags.DEFINE_bool('show_config', False, 'Print the resolved config (after overrides) and exit.')
 flags.DEFINE_string('evaluate', None, 'Re-evaluate the trained run(s) in this workdir with the current eval '
                     'config (--config.eval.* overrides apply); no retraining.')
+flags.DEFINE_string('analyze', None, 'Manifold geometry (MFTMA capacity, radius, dimension, center correlation '
+                    'per layer and eps; probes/manifold_geometry.py) of the finished run(s) in this workdir, or of '
+                    'one member (WORKDIR/member); writes geometry.json, geometry.png and a report.md section. '
+                    '--config.geometry.* set its options (e.g. --config.geometry.eps=0,0.1 '
+                    '--config.geometry.n_t=100); no retraining.')
 FLAGS = flags.FLAGS
 
 # Filled from sys.argv before absl parses it (absl does not know --config.*).
@@ -70,6 +76,15 @@ def main(argv):
       for name in config_lib.list_experiments(FLAGS.experiments_dir):
         print(f'{name:28s} {config_lib.experiment_summary(name, FLAGS.experiments_dir)}')
       return
+    if FLAGS.analyze:
+      if FLAGS.evaluate or FLAGS.experiment:
+        _fail('--analyze runs alone: drop --evaluate / --experiment')
+      bad = [k for k, _ in _OVERRIDES if not k.startswith(exp_lib.GEOMETRY_PREFIX)]
+      if bad:
+        _fail(f'--analyze only takes --config.geometry.* overrides (e.g. --config.geometry.eps=0,0.1), '
+              f'not --config.{bad[0]}')
+      exp_lib.analyze_workdir(FLAGS.analyze, _OVERRIDES, FLAGS.data_dir)
+      return
     if FLAGS.evaluate:
       bad = [k for k, _ in _OVERRIDES if not k.startswith(('eval.', 'parallel.'))]
       if bad:
@@ -77,7 +92,7 @@ def main(argv):
       exp_lib.evaluate_workdir(FLAGS.evaluate, _OVERRIDES, FLAGS.data_dir)
       return
     if not FLAGS.experiment:
-      _fail('pass --experiment=NAME (see --list) or --evaluate=WORKDIR')
+      _fail('pass --experiment=NAME (see --list), --evaluate=WORKDIR or --analyze=WORKDIR')
     config = config_lib.load_experiment(FLAGS.experiment, FLAGS.experiments_dir)
     if FLAGS.setting:
       config = config_lib.apply_setting(config, FLAGS.setting)

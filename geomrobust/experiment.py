@@ -1,5 +1,6 @@
 """The experiment runner: ``run_experiment`` for every kind of experiment,
-``train_and_evaluate`` for one model, ``evaluate_workdir`` for ``--evaluate``.
+``train_and_evaluate`` for one model, ``evaluate_workdir`` for ``--evaluate``,
+``analyze_workdir`` for ``--analyze`` (manifold geometry of a finished run).
 
 An experiment expands to groups of members (``members.expand``: a single
 model, a family, a sweep grid x seeds); an executor trains each group, one
@@ -29,6 +30,7 @@ from geomrobust import pipeline
 from geomrobust import probes as probes_lib
 from geomrobust import runio
 from geomrobust import tables
+from geomrobust.probes import manifold_geometry
 from geomrobust.pipeline import (Data, Run, check_workdir_config, data_key, evaluate_model, load_run,  # noqa: F401
                                  member_names, prepare_data, validate, write_results, _build)
 from geomrobust.runio import lock
@@ -422,10 +424,164 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
     stored = dict(stored, eval=cfg.eval.to_dict(), parallel=cfg.parallel.to_dict())
     runio.atomic_write_text(run.workdir / 'config.json',
                             config_lib.to_json(ml_collections.ConfigDict(stored)) + '\n')
-    write_results(run.workdir, cfg, res, probes)
+    write_results(run.workdir, cfg, res, _keep_analysis(old, res, probes))
     out[name] = res
   if family:
     top['table'] = report.summary_table(out)
     runio.write_json(top_path, top)
     report.write_experiment_report(workdir, top_config, top, out)
+  return out
+
+
+def _keep_analysis(old: dict, res: dict, probes: list) -> list:
+  """Carries a ``--analyze`` result over a re-evaluation: the geometry depends
+  on the weights and the data only, which ``--evaluate`` does not change.
+  Returns the probes whose report parts go into report.md."""
+  out = old.get('geometry', {}).get(GEOMETRY_PROBE)
+  if not out or GEOMETRY_PROBE in res['geometry']:
+    return probes
+  probe = _geometry_probe(out['options'])
+  res['geometry'][GEOMETRY_PROBE] = out
+  res['summary'].update(probe.summary(out))
+  return list(probes) + [probe]
+
+
+# --------------------------------------------------------------------------
+# --analyze
+# --------------------------------------------------------------------------
+
+GEOMETRY_PROBE = 'manifold_geometry'
+# --analyze's overrides: --config.geometry.<option>=value.
+GEOMETRY_PREFIX = 'geometry.'
+
+
+def geometry_options(run_options, overrides: list[tuple[str, str]]) -> dict:
+  """The manifold_geometry options of one run: the probe's defaults < the
+  run's own ``config.probes.manifold_geometry`` (``run_options``) <
+  ``overrides`` (``('geometry.n_t', '100')``), type- and range-checked (one
+  line naming the ``--config.geometry.*`` flag and a valid value)."""
+  opts = ml_collections.ConfigDict({'geometry': manifold_geometry.resolve_options(run_options or {})})
+  bounds = manifold_geometry.PROBE.BOUNDS
+  for key, text in overrides:
+    if not key.startswith(GEOMETRY_PREFIX):
+      raise config_lib.ConfigError(f'--analyze only takes --config.geometry.* overrides, not --config.{key}')
+    config_lib.apply_override(opts, key, text)   # unknown option or bad type: one line
+    name = key[len(GEOMETRY_PREFIX):]
+    if name in bounds:
+      config_lib.check_value(key, opts.geometry[name], bounds[name], text=text,
+                             examples=[manifold_geometry.DEFAULTS[name]])
+  return manifold_geometry.resolve_options(opts.geometry.to_dict())
+
+
+def _geometry_probe(options: dict) -> manifold_geometry.ManifoldGeometry:
+  return manifold_geometry.PROBE(GEOMETRY_PROBE, ml_collections.ConfigDict(dict(options)))
+
+
+def training_command(folder: pathlib.Path) -> str:
+  """The command that trains (or resumes) the run ``folder`` belongs to."""
+  top = folder.parent if _is_member(folder) else folder
+  cfg = runio.read_json(top / 'config.json')
+  args = [f'--experiment={cfg.get("experiment") or "NAME"}']
+  if cfg.get('setting'):
+    args.append(f'--setting={cfg["setting"]}')
+  if cfg.get('smoke_run'):
+    args.append('--smoke')
+  only, members = cfg.get('only'), cfg.get('members') or []
+  smoke_only = ','.join(config_lib.parse_member(m)[0] for m in members[:2])   # what --smoke picks itself
+  if only and not (cfg.get('smoke_run') and only == smoke_only):
+    args.append(f'--config.only={only}')
+  return ' '.join(['python launch.py', *args, f'--workdir={top}'])
+
+
+def _is_member(folder: pathlib.Path) -> bool:
+  """``folder`` is one member of a multi-model run (its parent lists or holds it)."""
+  parent = folder.parent
+  return (parent / 'config.json').exists() and not (parent / 'checkpoints').exists() and \
+      folder.name in member_names(parent)
+
+
+def _unfinished(folder: pathlib.Path) -> FileNotFoundError:
+  return FileNotFoundError(f'{folder} is not a finished run (no results.json); finish it first (rerunning its '
+                           f'training command resumes it): {training_command(folder)}')
+
+
+def analyze_workdir(workdir: str | pathlib.Path, overrides: list[tuple[str, str]], data_dir: str | None,
+                    *, log=print) -> dict:
+  """Manifold geometry (probe ``manifold_geometry``) of a finished run: every
+  member of a multi-model workdir, or the one run/member folder given.
+
+  Options: the probe's defaults < the run's ``config.probes.manifold_geometry``
+  < ``overrides`` (``--config.geometry.*``). Holds the folder's writer lock and
+  reads every config, checkpoint, results.json and dataset before the first
+  attack. Writes, per member, ``geometry.json`` and ``geometry.png``, the
+  result under ``results.json['geometry']['manifold_geometry']`` (with its
+  summary numbers in ``results['summary']``) and report.md; a family's top
+  results.json table and report.md are rewritten too. Returns ``{member: out}``
+  (member ``''`` for a single run).
+  """
+  workdir = pathlib.Path(workdir)
+  geometry_options({}, overrides)   # A bad override fails before anything is read.
+  if not workdir.is_dir():
+    raise FileNotFoundError(f'{workdir} does not exist; pass a finished run folder, e.g. '
+                            f'--analyze=runs/standard_mnist (train one: python launch.py --experiment=NAME '
+                            f'--workdir={workdir})')
+  if not (workdir / 'config.json').exists():
+    raise FileNotFoundError(f'no run in {workdir} (no config.json); train one there first: '
+                            f'python launch.py --experiment=NAME --workdir={workdir}')
+  with lock.writer(workdir, log=log):
+    return _analyze_locked(workdir, overrides, data_dir, log=log)
+
+
+def _analyze_locked(workdir: pathlib.Path, overrides, data_dir, *, log) -> dict:
+  single = (workdir / 'checkpoints').exists() or (workdir / pipeline.MEMBER_FILE).exists()
+  if not (workdir / 'results.json').exists():
+    raise _unfinished(workdir)
+  names = [''] if single else member_names(workdir)
+  if not names:
+    raise _unfinished(workdir)
+  # Everything is read first: a damaged or missing file fails before minutes of attacks.
+  loaded, data = [], {}
+  for name in names:
+    folder = workdir / name if name else workdir
+    if not (folder / 'results.json').exists():
+      raise _unfinished(folder)
+    run = load_run(workdir, name or None)
+    opts = geometry_options((run.config.get('probes') or {}).get(GEOMETRY_PROBE), overrides)
+    # The whole test set: class manifolds take the first M images of each class.
+    data_cfg = config_lib.apply_overrides(run.config, [('eval.num_examples', '0')])
+    if data_key(data_cfg) not in data:
+      data[data_key(data_cfg)] = prepare_data(data_cfg, data_dir)
+    loaded.append((name, run, opts, runio.read_json(folder / 'results.json'), data[data_key(data_cfg)]))
+  top_path = workdir / 'results.json'
+  top = runio.read_json(top_path) if not single else None
+
+  out, member_results = {}, {}
+  for name, run, opts, results, d in loaded:
+    tag = f'[{name}] ' if name else ''
+    probe = _geometry_probe(opts)
+    probe.log = lambda line, tag=tag: log(tag + line)
+    inp = probes_lib.ProbeInput(
+        method=run.method, params=run.params, config=run.config, eval_x=pipeline.model_input(d.eval_images),
+        eval_y=d.eval_labels, train_x=None if d.train_labels is None else d.train_images, train_y=d.train_labels,
+        test_x=d.test_images, test_y=d.test_labels, box=d.box, key=jax.random.key(opts['seed']))
+    t0 = time.perf_counter()
+    result = probe(inp)
+    previous = results.get('geometry', {}).get(GEOMETRY_PROBE)
+    summary = {k: v for k, v in results.get('summary', {}).items()
+               if not previous or k not in probe.summary(previous)}   # an earlier analysis' numbers go
+    results = dict(results, geometry=dict(results.get('geometry', {}), **{GEOMETRY_PROBE: result}),
+                   summary=dict(summary, **probe.summary(result)),
+                   timing=dict(results.get('timing', {}), manifold_geometry_seconds=time.perf_counter() - t0))
+    probes = [p for p in probes_lib.build_probes(run.config.get('probes')) if p.name != GEOMETRY_PROBE]
+    write_results(run.workdir, run.config, results, probes + [probe])
+    log(f'{tag}wrote {run.workdir / manifold_geometry.JSON_FILE}, {run.workdir / manifold_geometry.PLOT_FILE} and '
+        f'{run.workdir / "report.md"} ({time.perf_counter() - t0:.0f} s)')
+    out[name] = result
+    member_results[name] = results
+  if top is not None and not top.get('sweep') and [r.get('name') for r in top.get('runs', [])] == names:
+    # A family: its summary table carries the probes' numbers of every member.
+    top['table'] = report.summary_table(member_results)
+    runio.write_json(top_path, top)
+    report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
+                                   top, member_results)
   return out
