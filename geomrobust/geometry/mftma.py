@@ -83,7 +83,8 @@ def nnls_gram(gram: jax.Array, b: jax.Array, support: jax.Array | None = None,
       about ``M`` on non-degenerate problems).
 
   Returns:
-    ``a``: ``[M]``, ``a >= 0``.
+    ``a``: ``[M]``, ``a >= 0``. Call it under ``jax.enable_x64(True)`` with
+    float64 inputs for reference accuracy (:func:`solve_anchor_duals` does).
   """
   m = b.shape[-1]
   max_iter = 3 * m if max_iter is None else max_iter
@@ -107,23 +108,36 @@ def nnls_gram(gram: jax.Array, b: jax.Array, support: jax.Array | None = None,
     return z, support
 
   def outer(state):
-    alpha, support, _, it = state
-    w = jnp.where(support, -jnp.inf, b - gram @ alpha)
+    alpha, support, blocked, _, it = state
+    w = jnp.where(support | blocked, -jnp.inf, b - gram @ alpha)
     j = jnp.argmax(w)
     grow = w[j] > tol
     new_alpha, new_support = settle(alpha, support.at[j].set(True))
-    return (jnp.where(grow, new_alpha, alpha), jnp.where(grow, new_support, support), ~grow, it + 1)
+    # A coordinate that cannot enter (rounding: its equality solution is not
+    # positive although its gradient is) is not offered again, or the loop
+    # would re-add it until max_iter (as scipy's NNLS does).
+    blocked = blocked.at[j].set(blocked[j] | (grow & ~new_support[j]))
+    return (jnp.where(grow, new_alpha, alpha), jnp.where(grow, new_support, support), blocked, ~grow, it + 1)
 
   def running(state):
-    _, _, done, it = state
-    return ~done & (it < max_iter)
+    return ~state[3] & (state[4] < max_iter)
 
   alpha = jnp.zeros_like(b)
   if support is None:
     support = jnp.zeros(b.shape, bool)
-  else:  # From alpha = 0 every non-positive coordinate of the guess leaves at once.
-    alpha, support = settle(alpha, support)
-  alpha, _, _, _ = jax.lax.while_loop(running, outer, (alpha, support, False, 0))
+  else:
+    # Warm start: shrink the guess to the coordinates whose equality solution
+    # is positive, until it is positive on all of them (then a feasible start).
+    z = solve_on_support(gram, b, support)
+
+    def shrink(state):
+      support_, z_ = state
+      support_ = support_ & (z_ > 0)
+      return support_, solve_on_support(gram, b, support_)
+
+    support, alpha = jax.lax.while_loop(lambda s: jnp.any(s[0] & ~(s[1] > 0)), shrink, (support, z))
+  blocked = jnp.zeros(b.shape, bool)
+  alpha, _, _, _, _ = jax.lax.while_loop(running, outer, (alpha, support, blocked, False, 0))
   return alpha
 
 
@@ -192,26 +206,34 @@ def solve_anchor_duals(gram: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, dic
   A support guessed by ADMM (cheap, batched matrix products), the exact
   equality solution on it, a KKT check, and the exact active-set method
   (:func:`nnls_gram`, warm-started from the guess) for every problem whose
-  check fails. The result satisfies the KKT conditions to ``_KKT_TOL``.
+  check fails; its results are checked again (``unsolved``). Runs in float64
+  (a scoped ``jax.enable_x64``).
 
   Args:
     gram: ``[P, M, M]`` float64.
     b: ``[P, n_t, M]`` float64.
 
   Returns:
-    ``alpha [P, n_t, M]`` and stats ``{'problems', 'exact_fallback'}``.
+    ``alpha [P, n_t, M]`` and stats ``{'problems', 'exact_fallback'`` (problems
+    the active-set method solved), ``'unsolved'`` (of those, how many still
+    miss the KKT tolerance: reported, never hidden)``}``.
   """
-  support = _admm_supports(gram, b)
-  alpha, ok = _polish(gram, b, support)
-  alpha, ok = np.array(alpha), np.asarray(ok)
-  bad_p, bad_k = np.nonzero(~ok)
-  if len(bad_p):
-    # Pad to a power of two so the exact solver compiles for few batch sizes.
-    size = 1 << int(np.ceil(np.log2(len(bad_p))))
-    idx = np.concatenate([np.arange(len(bad_p)), np.zeros(size - len(bad_p), int)])
-    fixed = _exact_batch(gram[bad_p[idx]], b[bad_p[idx], bad_k[idx]], np.asarray(support)[bad_p[idx], bad_k[idx]])
-    alpha[bad_p, bad_k] = np.asarray(fixed)[:len(bad_p)]
-  return alpha, {'problems': int(ok.size), 'exact_fallback': int(len(bad_p))}
+  with jax.enable_x64(True):
+    gram, b = np.asarray(gram, np.float64), np.asarray(b, np.float64)
+    support = _admm_supports(gram, b)
+    alpha, ok = _polish(gram, b, support)
+    alpha, ok = np.array(alpha), np.asarray(ok)
+    bad_p, bad_k = np.nonzero(~ok)
+    unsolved = 0
+    if len(bad_p):
+      # Pad to a power of two so the exact solver compiles for few batch sizes.
+      size = 1 << int(np.ceil(np.log2(len(bad_p))))
+      idx = np.concatenate([np.arange(len(bad_p)), np.zeros(size - len(bad_p), int)])
+      g, bb = gram[bad_p[idx]], b[bad_p[idx], bad_k[idx]]
+      fixed = _exact_batch(g, bb, np.asarray(support)[bad_p[idx], bad_k[idx]])
+      unsolved = int(np.sum(~np.asarray(kkt_ok(g, bb, fixed))[:len(bad_p)]))
+      alpha[bad_p, bad_k] = np.asarray(fixed)[:len(bad_p)]
+  return alpha, {'problems': int(ok.size), 'exact_fallback': int(len(bad_p)), 'unsolved': unsolved}
 
 
 def _geometry_from_alphas(s: jax.Array, t: jax.Array, alpha: jax.Array, kappa) -> tuple[jax.Array, ...]:
@@ -407,7 +429,9 @@ def center_subspace(centers: np.ndarray, seed: int = 0, max_k: int | None = None
   Returns:
     ``(correlation, k, directions)``: mean |cosine| of the mean-subtracted
     centers (before any removal), the chosen K and its ``[N, K]`` orthonormal
-    directions (K = 0 with fewer than 3 manifolds: nothing to remove).
+    directions (K = 0 with fewer than 3 manifolds: nothing to remove). K is
+    at most ``min(N, P-1) - 1`` (the reference's rule can ask for all P-1
+    directions of P centers, which would leave nothing to correlate).
   """
   n, p = centers.shape
   xb = (centers - centers.mean(axis=1, keepdims=True)).T      # [P, N]
@@ -506,8 +530,9 @@ def analyze(manifolds, kappa: float = 0.0, n_t: int = 200, seed: int = 0, *, max
     ``dimension`` (arithmetic means), ``center_correlation``, int ``K`` (rank of
     the shared center subspace removed), lists ``capacity_all``,
     ``radius_all``, ``dimension_all`` (per manifold), ``features`` (N
-    analysed), and with ``data_dimensions`` ``participation_ratio`` and
-    ``dimension_90``.
+    analysed), ``kappa``, ``n_t``, the solver's ``exact_fallback`` and
+    ``unsolved`` counts (see :func:`solve_anchor_duals`), and with
+    ``data_dimensions`` ``participation_ratio`` and ``dimension_90``.
   """
   if kappa < 0:
     raise ValueError(f'mftma.analyze: kappa must be >= 0, got {kappa}')
@@ -541,6 +566,7 @@ def analyze(manifolds, kappa: float = 0.0, n_t: int = 200, seed: int = 0, *, max
       'kappa': float(kappa),
       'n_t': int(n_t),
       'exact_fallback': stats['exact_fallback'],
+      'unsolved': stats['unsolved'],
   }
   if data_dimensions:
     out.update(data_dimension(np.transpose(np.asarray(x), (1, 0, 2)).reshape(n, p * m)))

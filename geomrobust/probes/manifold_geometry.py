@@ -118,8 +118,9 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _mean_std(values: list) -> tuple[float, float | None]:
+  """Mean and sample std (ddof 1; None for one value)."""
   a = np.asarray(values, np.float64)
-  return float(a.mean()), (float(a.std()) if len(a) > 1 else None)
+  return float(a.mean()), (float(a.std(ddof=1)) if len(a) > 1 else None)
 
 
 def summarize_layer(per_seed: list[dict]) -> dict:
@@ -134,9 +135,13 @@ def summarize_layer(per_seed: list[dict]) -> dict:
   out['features'] = int(per_seed[0]['features'])
   out['per_seed'] = [{m: r[m] for m in METRICS} for r in per_seed]
   bad = [m for m in METRICS if not math.isfinite(out[m])]
-  if bad:
+  warnings = [f'MFTMA returned non-finite {", ".join(bad)}'] if bad else []
+  unsolved = sum(r.get('unsolved', 0) for r in per_seed)
+  if unsolved:
+    warnings.append(f'{unsolved} anchor problems missed the solver tolerance')
+  if warnings:
     # Kept visible (runio writes NaN as the string "nan"), with the reason.
-    out['warning'] = f'MFTMA returned non-finite {", ".join(bad)}'
+    out['warning'] = '; '.join(warnings)
   return out
 
 
@@ -181,7 +186,7 @@ class ManifoldGeometry(base.Probe):
                  f'{l.name} {l.width}' + (f'->{l.features} x{l.seeds}' if l.projected else '') for l in layers))
     key = jax.random.key(o['seed'])
     runs = []
-    for ki, kind in enumerate(o['kinds']):
+    for kind in o['kinds']:
       p, m = sizes[kind]
       for eps in o['eps']:
         t0 = time.perf_counter()
@@ -196,7 +201,9 @@ class ManifoldGeometry(base.Probe):
         # Same key for every eps of a kind: the attack starts scale with eps (common random numbers).
         build = builder.class_manifolds if kind == 'class' else builder.exemplar_manifolds
         sizes_kw = dict(classes=p, per_class=m) if kind == 'class' else dict(exemplars=p, repeats=m)
-        clouds = build(inp.params, x, y, eps=float(eps), key=jax.random.fold_in(key, ki), **sizes_kw)
+        # Keyed by the kind itself, so asking for one kind gives the same manifolds as asking for both.
+        clouds = build(inp.params, x, y, eps=float(eps), key=jax.random.fold_in(key, manifolds_lib.KINDS.index(kind)),
+                       **sizes_kw)
         t_build = time.perf_counter() - t0
         run['accuracy'] = None if layers[-1].projected else _accuracy(
             clouds['logits'][0], np.arange(p) if kind == 'class' else y[:p])
@@ -287,7 +294,8 @@ class ManifoldGeometry(base.Probe):
 
 def _pm(v: dict, m: str) -> str:
   std = v.get(f'{m}_std')
-  return f'{v[m]:.4g}' + ('' if not std else f' ± {std:.2g}')
+  # float(): a stored result holds NaN as the string "nan".
+  return f'{float(v[m]):.4g}' + ('' if std is None or float(std) == 0 else f' ± {float(std):.2g}')
 
 
 def plot_geometry(path: pathlib.Path, out: dict, title: str = '') -> None:
@@ -304,8 +312,8 @@ def plot_geometry(path: pathlib.Path, out: dict, title: str = '') -> None:
   for row, kind in zip(axes, kinds):
     for ax, metric in zip(row, PLOTTED):
       for run in (r for r in out['runs'] if r['kind'] == kind):
-        vals = [run['layers'].get(n, {}).get(metric, np.nan) for n in names]
-        errs = [run['layers'].get(n, {}).get(f'{metric}_std') or 0.0 for n in names]
+        vals = [float(run['layers'].get(n, {}).get(metric, np.nan)) for n in names]
+        errs = [float(run['layers'].get(n, {}).get(f'{metric}_std') or 0.0) for n in names]
         if np.all(np.isnan(np.asarray(vals, float))):
           if ax is row[0]:  # skipped (e.g. exemplar eps 0 of a deterministic model): said in the legend
             ax.plot([], [], ' ', label=f'eps={run["eps"]:g}: skipped')
