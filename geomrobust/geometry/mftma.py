@@ -114,9 +114,10 @@ def nnls_gram(gram: jax.Array, b: jax.Array, support: jax.Array | None = None,
     grow = w[j] > tol
     new_alpha, new_support = settle(alpha, support.at[j].set(True))
     # A coordinate that cannot enter (rounding: its equality solution is not
-    # positive although its gradient is) is not offered again, or the loop
-    # would re-add it until max_iter (as scipy's NNLS does).
-    blocked = blocked.at[j].set(blocked[j] | (grow & ~new_support[j]))
+    # positive although its gradient is) is not offered again until another
+    # one enters, or the loop would re-add it until max_iter.
+    entered = grow & new_support[j]
+    blocked = jnp.where(entered, False, blocked.at[j].set(blocked[j] | grow))
     return (jnp.where(grow, new_alpha, alpha), jnp.where(grow, new_support, support), blocked, ~grow, it + 1)
 
   def running(state):
