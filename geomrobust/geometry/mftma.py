@@ -211,8 +211,8 @@ def solve_anchor_duals(gram: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, dic
   (a scoped ``jax.enable_x64``).
 
   Args:
-    gram: ``[P, M, M]`` float64.
-    b: ``[P, n_t, M]`` float64.
+    gram: ``[P, M, M]`` (computed in float64).
+    b: ``[P, n_t, M]``.
 
   Returns:
     ``alpha [P, n_t, M]`` and stats ``{'problems', 'exact_fallback'`` (problems
@@ -220,10 +220,11 @@ def solve_anchor_duals(gram: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, dic
     miss the KKT tolerance: reported, never hidden)``}``.
   """
   with jax.enable_x64(True):
-    gram, b = np.asarray(gram, np.float64), np.asarray(b, np.float64)
+    # Stays on the device: only the per-problem verdicts come to the host, to pick the failures.
+    gram, b = jnp.asarray(gram, jnp.float64), jnp.asarray(b, jnp.float64)
     support = _admm_supports(gram, b)
     alpha, ok = _polish(gram, b, support)
-    alpha, ok = np.array(alpha), np.asarray(ok)
+    ok = np.asarray(ok)
     bad_p, bad_k = np.nonzero(~ok)
     unsolved = 0
     if len(bad_p):
@@ -231,9 +232,10 @@ def solve_anchor_duals(gram: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, dic
       size = 1 << int(np.ceil(np.log2(len(bad_p))))
       idx = np.concatenate([np.arange(len(bad_p)), np.zeros(size - len(bad_p), int)])
       g, bb = gram[bad_p[idx]], b[bad_p[idx], bad_k[idx]]
-      fixed = _exact_batch(g, bb, np.asarray(support)[bad_p[idx], bad_k[idx]])
-      unsolved = int(np.sum(~np.asarray(kkt_ok(g, bb, fixed))[:len(bad_p)]))
-      alpha[bad_p, bad_k] = np.asarray(fixed)[:len(bad_p)]
+      fixed = _exact_batch(g, bb, support[bad_p[idx], bad_k[idx]])[:len(bad_p)]
+      unsolved = int(np.sum(~np.asarray(kkt_ok(g[:len(bad_p)], bb[:len(bad_p)], fixed))))
+      alpha = alpha.at[bad_p, bad_k].set(fixed)
+    alpha = np.asarray(alpha)
   return alpha, {'problems': int(ok.size), 'exact_fallback': int(len(bad_p)), 'unsolved': unsolved}
 
 
@@ -552,7 +554,7 @@ def analyze(manifolds, kappa: float = 0.0, n_t: int = 200, seed: int = 0, *, max
     correlation, k, shared = center_subspace(np.asarray(centers), seed)
     key = jax.random.fold_in(jax.random.key(seed), 1)
     s_, t, gram, b = _anchor_problems(x, jnp.asarray(shared), key, float(kappa), int(n_t))
-    alpha, stats = solve_anchor_duals(np.asarray(gram), np.asarray(b))
+    alpha, stats = solve_anchor_duals(gram, b)
     capacity, radius, dimension = (np.asarray(a) for a in _all_geometry(s_, t, jnp.asarray(alpha), float(kappa)))
   out = {
       'capacity': float(1.0 / np.mean(1.0 / capacity)),
