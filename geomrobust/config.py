@@ -90,7 +90,11 @@ def default_config() -> ml_collections.ConfigDict:
   eval.apgd_steps, eval.apgd_restarts   APGD settings.
   eval.noise_samples   random points on the eps-sphere per example (worst kept).
   eval.eot_samples     gradient draws averaged per attack step for stochastic
-                       models (EOT); predictions vote over as many draws.
+                       models (EOT, >= 2 for them).
+  eval.passes          evaluation passes of a stochastic model (>= 5): each
+                       predicts every (attacked) example with one fresh noise
+                       draw; rows report the mean and std over passes and the
+                       majority vote.
   eval.sanity          run the extra attacks behind the sanity checks (eps = 0,
                        a huge eps, doubled steps and restarts, another batch
                        size; stochastic models: frozen noise, 2x EOT).
@@ -134,7 +138,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       profile='', num_examples=0, batch_size=500, norm='linf', eps=(0.1, 0.2, 0.3), attacks=(),
       pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, noise_samples=0,
-      eot_samples=16, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
+      eot_samples=16, passes=5, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
   profiles.apply_profile(c.eval, 'mnist_linf')
   c.parallel = ml_collections.ConfigDict(dict(num_devices=0, distributed=False))
   c.probes = ml_collections.ConfigDict()
@@ -238,6 +242,7 @@ BOUNDS: dict[str, Range] = {
     'eval.apgd_steps': integer(0), 'eval.apgd_restarts': integer(0),
     'eval.noise_samples': integer(0),
     'eval.eot_samples': integer(1),
+    'eval.passes': integer(1, example=5),
     'eval.large_eps': number(0),
     'eval.check_eps': number(0),
     'eval.trajectories': integer(0),
@@ -742,7 +747,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.apgd_steps = min(config.eval.apgd_steps, 5)
     config.eval.apgd_restarts = min(config.eval.apgd_restarts, 1)
     config.eval.noise_samples = min(config.eval.noise_samples, 2)
-    config.eval.eot_samples = min(config.eval.eot_samples, 2)
+    config.eval.eot_samples = min(config.eval.eot_samples, 2)   # passes stay (forward passes are cheap)
     config.eval.trajectories = min(config.eval.trajectories, 4)
     config.smoke_run = True
     if config.get('members') and not config.get('only'):

@@ -289,9 +289,21 @@ def test_stochastic_models_get_eot_and_their_own_checks(honest):
   params, x, y = honest
   with pytest.raises(ValueError, match='eot_samples >= 2'):
     _run(_noisy, params, x, y, _ev(eot_samples=1), stochastic=True)
+  with pytest.raises(ValueError, match='eval.passes >= 5'):
+    _run(_noisy, params, x, y, _ev(eot_samples=4, passes=4), stochastic=True)
   res = _run(_noisy, params, x, y, _ev(eot_samples=4, attacks=('pgd',), pgd_restarts=1), stochastic=True)
   assert {r['eot'] for r in res['robustness']} == {4}
   assert {'frozen_noise_attack', 'eot_doubled'} <= set(res['sanity'])
+  failed = {k: v['detail'] for k, v in res['sanity'].items() if not v['passed']}
+  assert not failed, failed   # an honest noisy model passes every check
+  # Accuracy over 5 passes: mean, std, majority vote; the worst case too.
+  for r in res['robustness']:
+    assert r['passes'] == 5 and r['accuracy_std'] >= 0 and 0 <= r['majority_vote_accuracy'] <= 1, r
+  assert res['clean_passes'] == 5 and res['clean_accuracy_std'] >= 0
+  assert any(r['accuracy_std'] > 0 for r in res['robustness'])   # the noise moves some attacked verdicts
+  worst = {r['eps']: r for r in res['robustness'] if r['attack'] == 'worst_case'}
+  for r in res['robustness']:
+    assert worst[r['eps']]['accuracy'] <= r['accuracy'] + 1e-9
   assert res['sanity']['eps0_equals_clean']['passed']  # same draws for the clean and the eps=0 verdicts
   assert res['clean_accuracy'] > 0.8
   # The EOT attack really attacks: at eps 0.1 PGD leaves ~1/3 of what
@@ -299,6 +311,50 @@ def test_stochastic_models_get_eot_and_their_own_checks(honest):
   acc = {(r['attack'], r['eps']): r['accuracy'] for r in res['robustness']}
   assert acc['pgd', 0.1] < min(res['clean_accuracy'], acc['noise', 0.1]) - 0.3, acc
   assert acc['pgd', 0.2] < 0.1, acc
+
+
+def _tiny_signal(params, x, rng):
+  """Huge noise on a tiny signal: the prediction is nearly a coin flip, so an
+  attack barely moves its accuracy; what "robustness" it has is randomness."""
+  return 1e-3 * _mlp(params, x) + 3.0 * jax.random.normal(rng, (x.shape[0], C))
+
+
+def test_frozen_noise_check_flags_robustness_that_is_only_randomness(honest):
+  params, x, y = honest
+  ev = _ev(eot_samples=4, attacks=('pgd',), pgd_restarts=1, eps=(0.1,))
+  res = _run(_tiny_signal, params, x, y, ev, stochastic=True)
+  check = res['sanity']['frozen_noise_attack']
+  assert not check['passed'] and 'randomness' in check['detail'], check
+  honest_res = _run(_noisy, params, x, y, ev, stochastic=True)
+  assert honest_res['sanity']['frozen_noise_attack']['passed'], honest_res['sanity']['frozen_noise_attack']
+
+
+def test_pass_statistics_and_the_stochastic_worst_case():
+  # 4 examples x 5 passes; cell b gets example 0 right less often than cell a.
+  a = suite.Verdicts(np.array([True, True, False, True]),
+                     np.array([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0], [1, 1, 0, 1, 0]], bool))
+  b = suite.Verdicts(np.array([False, True, False, True]),
+                     np.array([[0, 1, 0, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool))
+  stats = suite.accuracy_stats(a)
+  per_pass = a.passes.mean(0)
+  assert stats['accuracy'] == pytest.approx(per_pass.mean())
+  assert stats['accuracy_std'] == pytest.approx(per_pass.std(ddof=1))
+  assert stats['majority_vote_accuracy'] == 0.75 and stats['passes'] == 5
+  q = a.passes.mean(1)
+  assert stats['accuracy_se'] == pytest.approx(np.sqrt(np.sum(q * (1 - q)) / 4) / 4)
+  w = suite.worst_case([a, b])
+  np.testing.assert_array_equal(w.passes, np.stack([b.passes[0], a.passes[1], b.passes[2], a.passes[3]]))
+  np.testing.assert_array_equal(w.mask, [False, True, False, True])
+  # Deterministic verdicts: the AND of the masks.
+  np.testing.assert_array_equal(suite.worst_case([suite.Verdicts(a.mask), suite.Verdicts(b.mask)]).mask,
+                                a.mask & b.mask)
+
+
+def test_grid_checks_allow_for_the_sampling_error_of_stochastic_rows():
+  rows = [dict(attack='fgsm', eps=0.1, accuracy=0.50), dict(attack='fgsm', eps=0.2, accuracy=0.52)]
+  assert not sanity.grid_checks(0.9, rows, [], 1000)['monotone_in_eps']['passed']
+  noisy = [dict(r, accuracy_se=0.01) for r in rows]   # a 2-point rise is within 3 standard errors
+  assert sanity.grid_checks(0.9, noisy, [], 1000, clean_se=0.01)['monotone_in_eps']['passed']
 
 
 def test_check_eps_is_where_the_worst_case_is_half_of_clean():

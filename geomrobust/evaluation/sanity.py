@@ -78,10 +78,25 @@ Checks read the attack grid, and some run attacks of their own:
                            rounding could decide, not how many it does. The
                            probe costs one gradient per restart, example and
                            batch size (an attack costs steps x restarts).
-  frozen_noise_attack      (stochastic models) with the noise frozen, PGD does
-                           at least as well as the EOT attacks.
-  eot_doubled              (stochastic models) EOT with twice the draws does not
-                           raise accuracy.
+  frozen_noise_attack      (stochastic models) with the noise frozen to one
+                           draw (one fixed key for every call: a deterministic
+                           network), PGD leaves at most the EOT worst case at
+                           the check eps, and at the huge eps above drives
+                           accuracy to ~0 like on any deterministic network.
+                           A model whose prediction barely depends on its
+                           input (huge noise on a tiny signal: its
+                           "robustness" is only randomness) fails the second.
+  eot_doubled              (stochastic models) PGD with twice the EOT draws and
+                           twice the steps lowers accuracy (mean over passes)
+                           by at most the tolerance: the EOT attack converged.
+
+Stochastic models: every accuracy is the mean over ``eval.passes`` passes
+(one fresh noise draw each), so each comparison above also allows
+``SE_MULTIPLE`` = 3 standard errors of the difference (``accuracy_se`` of the
+rows, from the examples' fractions of correct passes); the worst case per
+example is the attack the model gets right least often (``suite.worst_case``),
+and ``doubled_budget`` adds the doubled PGD to that worst case on every
+example some pass gets right and compares the means.
 
 Tolerances: accuracy comparisons allow ``max(0.005, 2 / N)`` (half a point, or
 two examples on a small set); "~0" means at most ``max(0.01, 2 / N)``.
@@ -97,6 +112,8 @@ from geomrobust.evaluation import recipes as recipes_lib
 
 # With no input box, the large-eps check's eps is this many times max |x| (the data scale).
 NO_BOX_SCALE = 10.0
+# Stochastic models: accuracy comparisons allow this many standard errors of the difference.
+SE_MULTIPLE = 3.0
 # batch_size_invariance: clean scores at two batch sizes agree to this fraction of their scale.
 LOGIT_RTOL = 1e-4
 # batch_size_invariance: an example whose first attack step differs by more than this
@@ -116,40 +133,54 @@ def _check(passed: bool, value: float, detail: str) -> dict:
   return dict(passed=bool(passed), value=float(value), detail=detail)
 
 
-def _by_attack(rows: list[dict]) -> dict[str, dict[float, float]]:
-  out: dict[str, dict[float, float]] = {}
+def _by_attack(rows: list[dict]) -> dict[str, dict[float, tuple[float, float]]]:
+  """``{attack: {eps: (accuracy, its standard error)}}`` (se 0 for deterministic models)."""
+  out: dict[str, dict[float, tuple[float, float]]] = {}
   for r in rows:
-    out.setdefault(r['attack'], {})[float(r['eps'])] = float(r['accuracy'])
+    out.setdefault(r['attack'], {})[float(r['eps'])] = (float(r['accuracy']), float(r.get('accuracy_se', 0.0)))
   return out
 
 
-def grid_checks(clean: float, rows: list[dict], recipe_list, n: int) -> dict:
-  """Checks that need only the grid's accuracies."""
+def sampling_allowance(*se: float) -> float:
+  """What the accuracy comparisons of a stochastic model add to their tolerance:
+  three standard errors of the difference (``SE_MULTIPLE * sqrt(sum se^2)``),
+  since each accuracy is itself a mean over random passes. 0 for deterministic models."""
+  return SE_MULTIPLE * math.sqrt(sum(float(v) ** 2 for v in se))
+
+
+def grid_checks(clean: float, rows: list[dict], recipe_list, n: int, clean_se: float = 0.0) -> dict:
+  """Checks that need only the grid's accuracies. A stochastic model's rows
+  carry ``accuracy_se``: each comparison's tolerance grows by :func:`sampling_allowance`."""
   tol = tolerance(n)
   acc = _by_attack(rows)
   checks = {}
-  # Monotone in eps, with the clean accuracy as the eps = 0 point.
-  worst_rise, where = 0.0, ''
+  # Monotone in eps, with the clean accuracy as the eps = 0 point; the pair nearest failing is reported.
+  rise, where, allowed = 0.0, '', tol
   for attack, curve in acc.items():
     eps = sorted(e for e in curve if e > 0)
-    seq = [(0.0, clean)] + [(e, curve[e]) for e in eps]
-    for (e0, a0), (e1, a1) in zip(seq, seq[1:]):
-      if a1 - a0 > worst_rise:
-        worst_rise, where = a1 - a0, f' ({attack}: {100 * a0:.2f}% at eps={e0:g} -> {100 * a1:.2f}% at {e1:g})'
-  checks['monotone_in_eps'] = _check(worst_rise <= tol, worst_rise,
-                                     f'largest accuracy rise between consecutive eps{where}; tolerance {tol:.3g}')
+    seq = [(0.0, (clean, clean_se))] + [(e, curve[e]) for e in eps]
+    for (e0, (a0, s0)), (e1, (a1, s1)) in zip(seq, seq[1:]):
+      allow = tol + sampling_allowance(s0, s1)
+      if a1 - a0 > 0 and a1 - a0 - allow > rise - allowed:
+        rise, allowed = a1 - a0, allow
+        where = f' ({attack}: {100 * a0:.2f}% at eps={e0:g} -> {100 * a1:.2f}% at {e1:g})'
+  checks['monotone_in_eps'] = _check(rise <= allowed, rise,
+                                     f'largest accuracy rise between consecutive eps{where}; tolerance {allowed:.3g}')
 
   def gap_check(name, reference, candidates, what):
     if reference not in acc or not candidates:
       return
-    gap, where = -math.inf, ''
+    gap, where, allowed = -math.inf, '', tol
     for r in candidates:
-      for e, a in acc[r].items():
-        if e > 0 and e in acc[reference] and a - acc[reference][e] > gap:
-          gap, where = a - acc[reference][e], f'{r} at eps={e:g}'
+      for e, (a, s_a) in acc[r].items():
+        if e > 0 and e in acc[reference]:
+          ref, s_ref = acc[reference][e]
+          allow = tol + sampling_allowance(s_a, s_ref)
+          if gap == -math.inf or a - ref - allow > gap - allowed:
+            gap, where, allowed = a - ref, f'{r} at eps={e:g}', allow
     if gap > -math.inf:
-      checks[name] = _check(gap <= tol, gap, f'max accuracy({what}) - accuracy({reference}) over eps '
-                                              f'(worst: {where}); tolerance {tol:.3g}')
+      checks[name] = _check(gap <= allowed, gap, f'max accuracy({what}) - accuracy({reference}) over eps '
+                                                 f'(worst: {where}); tolerance {allowed:.3g}')
 
   iterative = [r.name for r in recipe_list if r.iterative]
   gradient = [r.name for r in recipe_list if r.uses_gradient]
@@ -197,8 +228,10 @@ def large_eps(ev, box, x) -> float:
 
 
 def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, check_eps: float | None, *,
-                  log=print, tag: str = '') -> dict:
-  """Checks that run attacks of their own (``runner`` is the suite's runner)."""
+                  log=print, tag: str = '', verdicts: dict | None = None, rows: list[dict] | None = None) -> dict:
+  """Checks that run attacks of their own (``runner`` is the suite's runner;
+  ``verdicts`` the grid's ``suite.Verdicts`` and ``rows`` its rows, which the
+  stochastic checks read)."""
   ev, n = runner.ev, runner.n
   tol, tol0 = tolerance(n), zero_tolerance(n)
   pgd = _pgd(ev, recipe_list, runner.eot)
@@ -222,14 +255,18 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
 
   # 5. Twice the steps and twice the restarts, on what survived everything.
   worst = masks[f'worst_case@{check_eps:g}']
-  survivors = np.flatnonzero(worst)
   strong = pgd.replace('pgd_2x', steps=2 * pgd.steps, restarts=2 * pgd.restarts)
-  broken = int((~runner.mask(strong, check_eps, subset=survivors)).sum())
-  drop = broken / n
-  checks['doubled_budget'] = _check(
-      drop <= tol, drop, f'PGD {strong.steps} steps x {strong.restarts} restarts broke {broken} of the {len(survivors)} '
-      f'examples that survived every attack at eps={check_eps:g}: robust accuracy would drop by this; '
-      f'tolerance {tol:.3g}')
+  if runner.stochastic:
+    checks['doubled_budget'] = _stochastic_doubled_budget(runner, strong, verdicts, check_eps)
+    broken = checks['doubled_budget']['detail']
+  else:
+    survivors = np.flatnonzero(worst)
+    broken = int((~runner.mask(strong, check_eps, subset=survivors)).sum())
+    drop = broken / n
+    checks['doubled_budget'] = _check(
+        drop <= tol, drop, f'PGD {strong.steps} steps x {strong.restarts} restarts broke {broken} of the '
+        f'{len(survivors)} examples that survived every attack at eps={check_eps:g}: robust accuracy would drop '
+        f'by this; tolerance {tol:.3g}')
 
   # 7. Another batch size: the clean scores, the attack's starts and first steps, its verdicts.
   main = next((r for r in recipe_list if r.iterative), pgd)
@@ -245,28 +282,81 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   checks['batch_size_invariance'] = batch_size_check(
       probe['scores'], probe['starts_equal'], probe['direction_diff'], verdicts,
       sizes=(runner.chunk_size(runner.batch_size, n), runner.chunk_size(other, n)), attack=main.name, eps=check_eps)
-  log(f'{tag}sanity at eps={check_eps:g}: doubled PGD breaks {broken} more; '
+  log(f'{tag}sanity at eps={check_eps:g}: doubled PGD: {broken}; '
       f'{checks["batch_size_invariance"]["detail"]}')
 
-  # 6. Stochastic models: frozen noise, and EOT with twice the draws.
+  # 6. Stochastic models: frozen noise, and EOT with twice the draws and steps.
   if runner.stochastic:
-    import jax
-    frozen_key = jax.random.key(int(ev.seed) + 1)
-    acc_frozen = float(runner.mask(pgd, check_eps, model_key=frozen_key).mean())
-    acc_worst = float(worst.mean())
-    checks['frozen_noise_attack'] = _check(
-        acc_frozen <= acc_worst + tol, acc_frozen - acc_worst,
-        f'accuracy with the noise frozen under PGD ({100 * acc_frozen:.2f}%) minus the EOT worst case '
-        f'({100 * acc_worst:.2f}%) at eps={check_eps:g}; tolerance {tol:.3g}')
-    ref_pgd = masks.get(f'pgd@{check_eps:g}')
-    acc_pgd = float((ref_pgd if ref_pgd is not None else runner.mask(pgd, check_eps)).mean())
-    double = pgd.replace('pgd_eot2x', options=dict(eot_samples=2 * runner.eot))
-    acc_2x = float(runner.mask(double, check_eps).mean())
-    checks['eot_doubled'] = _check(
-        acc_2x <= acc_pgd + tol, acc_2x - acc_pgd,
-        f'accuracy under PGD with {2 * runner.eot} EOT draws minus with {runner.eot} at eps={check_eps:g}; '
-        f'tolerance {tol:.3g}')
+    checks.update(stochastic_checks(runner, pgd, rows, check_eps, large))
+    for name in ('frozen_noise_attack', 'eot_doubled'):
+      log(f'{tag}sanity {name}: {checks[name]["detail"]}')
   return checks
+
+
+def _row(rows: list[dict], attack: str, eps: float) -> dict | None:
+  return next((r for r in rows if r['attack'] == attack and abs(r['eps'] - eps) < 1e-12), None)
+
+
+def _stochastic_doubled_budget(runner, strong, verdicts: dict, eps: float) -> dict:
+  """``doubled_budget`` for a stochastic model: the doubled PGD joins the
+  per-example worst case (``suite.worst_case``) on every example some pass
+  still gets right, and the worst-case accuracy (mean over passes) may drop
+  by at most the tolerance plus :func:`sampling_allowance`. (Re-attacking only
+  majority-vote survivors would count the passes' randomness as breaks.)"""
+  from geomrobust.evaluation import suite
+  n = runner.n
+  old = verdicts[f'worst_case@{eps:g}']
+  alive = np.flatnonzero(old.passes.any(1))
+  new_passes, new_mask = old.passes.copy(), old.mask.copy()
+  if len(alive):
+    v = runner.verdicts(strong, eps, subset=alive)
+    merged = suite.worst_case([suite.Verdicts(old.mask[alive], old.passes[alive]), v])
+    new_passes[alive], new_mask[alive] = merged.passes, merged.mask
+  before = suite.accuracy_stats(old)
+  after = suite.accuracy_stats(suite.Verdicts(new_mask, new_passes))
+  drop = before['accuracy'] - after['accuracy']
+  allowed = tolerance(n) + sampling_allowance(before['accuracy_se'], after['accuracy_se'])
+  return _check(drop <= allowed, drop, f'PGD {strong.steps} steps x {strong.restarts} restarts ({runner.eot} EOT '
+                f'draws) added to the worst case at eps={eps:g} on the {len(alive)} examples some pass gets right: '
+                f'robust accuracy {100 * before["accuracy"]:.2f}% -> {100 * after["accuracy"]:.2f}% (mean over '
+                f'{before["passes"]} passes); tolerance {allowed:.3g} (incl. 3 standard errors)')
+
+
+def stochastic_checks(runner, pgd, rows: list[dict], eps: float, large: float) -> dict:
+  """``frozen_noise_attack`` and ``eot_doubled`` (evaluation.md check 6; see the module doc)."""
+  import jax
+  from geomrobust.evaluation import suite
+  n, tol, tol0 = runner.n, tolerance(runner.n), zero_tolerance(runner.n)
+  worst = _row(rows, 'worst_case', eps)
+  # Frozen: one fixed draw for every call makes the network deterministic; PGD must beat
+  # the EOT attacks there and, at a huge eps, drive it to ~0 like any deterministic network.
+  frozen_key = jax.random.key(int(runner.ev.seed) + 1)
+  acc_frozen = float(runner.mask(pgd, eps, model_key=frozen_key).mean())
+  acc_frozen_large = float(runner.mask(pgd, large, model_key=frozen_key).mean())
+  allowed = tol + sampling_allowance(worst['accuracy_se'])
+  frozen_ok = acc_frozen <= worst['accuracy'] + allowed
+  large_ok = acc_frozen_large <= tol0
+  out = {'frozen_noise_attack': _check(
+      frozen_ok and large_ok, max(acc_frozen - worst['accuracy'], acc_frozen_large),
+      f'noise frozen to one draw: PGD leaves {100 * acc_frozen:.2f}% at eps={eps:g} (EOT worst case '
+      f'{100 * worst["accuracy"]:.2f}%, tolerance {allowed:.3g}'
+      + ('' if frozen_ok else ': the attack fails even without randomness') + f') and {100 * acc_frozen_large:.2f}% '
+      f'at eps={large:g} (must be ~0, <= {tol0:.3g}'
+      + ('' if large_ok else ': the prediction barely depends on the input; what robustness there is comes '
+         'from the randomness') + ')')}
+  # Twice the EOT draws and twice the steps: the EOT attack has converged if accuracy barely drops.
+  ref = _row(rows, 'pgd', eps)
+  if ref is None:
+    ref = suite.accuracy_stats(runner.verdicts(pgd, eps))
+  double = pgd.replace('pgd_eot2x', steps=2 * pgd.steps, options=dict(eot_samples=2 * runner.eot))
+  acc_2x = suite.accuracy_stats(runner.verdicts(double, eps))
+  drop = ref['accuracy'] - acc_2x['accuracy']
+  allowed = tol + sampling_allowance(ref['accuracy_se'], acc_2x['accuracy_se'])
+  out['eot_doubled'] = _check(
+      drop <= allowed, drop, f'PGD with {2 * runner.eot} EOT draws and {double.steps} steps: accuracy '
+      f'{100 * acc_2x["accuracy"]:.2f}% vs {100 * ref["accuracy"]:.2f}% with {runner.eot} draws and {pgd.steps} '
+      f'steps at eps={eps:g} (means over {acc_2x["passes"]} passes); the drop must be <= {allowed:.3g}')
+  return out
 
 
 def batch_size_check(scores, starts_equal, direction_diff, verdicts, *, sizes: tuple[int, int], attack: str,

@@ -16,9 +16,10 @@ module-level cache.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,8 @@ from geomrobust.evaluation import sanity as sanity_lib
 from geomrobust.parallel import batching
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array | None], jax.Array]
+# A stochastic model's accuracy is the mean over at least this many evaluation passes.
+MIN_PASSES = 5
 
 
 def _example_keys(rng: jax.Array, idx: jax.Array) -> jax.Array:
@@ -66,6 +69,23 @@ def _predict(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, mod
   return jnp.argmax(_scores(apply_fn, params, x, keys, eot, stochastic, model_key), -1)
 
 
+def _pass_verdicts(apply_fn: ApplyFn, params, x, y, keys, passes: int):
+  """A stochastic model's verdicts over ``passes`` evaluation passes: pass p
+  predicts example i with one noise draw ``fold_in(keys[i], p)`` (the model
+  as deployed). Returns ``(correct bool [B, P], majority bool [B])``: the
+  majority vote is the most frequent predicted label over the passes (ties:
+  the lowest label), compared with ``y``."""
+
+  def one(xi, ki):
+    return jax.vmap(lambda p: jnp.argmax(apply_fn(params, xi[None], jax.random.fold_in(ki, p))[0], -1))(
+        jnp.arange(passes))
+
+  labels = jax.vmap(one)(x, keys)                                      # [B, P]
+  logits_width = jax.eval_shape(lambda: apply_fn(params, x[:1], keys[0])).shape[-1]
+  counts = jax.nn.one_hot(labels, logits_width, dtype=jnp.int32).sum(1)  # [B, C]
+  return labels == y[:, None], jnp.argmax(counts, -1) == y
+
+
 def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, keys, eps, model_key,
                   return_losses: bool = False, box=attacks.UNIT_BOX):
   """The recipe's attack on each example of ``x [B, ...]`` on its own (vmap), inside ``box``."""
@@ -90,12 +110,14 @@ def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, k
 
 
 def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size: int, mesh, eot: int = 1,
-               stochastic: bool = False, with_inputs: bool = False, box=attacks.UNIT_BOX):
+               stochastic: bool = False, with_inputs: bool = False, box=attacks.UNIT_BOX, passes: int = 0):
   """Jitted ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
 
   Is example ``idx[i]`` still classified correctly after the attack
   (``recipe=None``: clean)? ``model_key=None`` draws the model's noise per
-  example (EOT); a key freezes it. The set runs in ``batch_size`` chunks by
+  example (EOT); a key freezes it. A stochastic model with ``passes > 0``
+  (and no ``model_key``) returns ``(correct per pass bool [N, P], majority
+  vote correct bool [N])`` instead (:func:`_pass_verdicts`). The set runs in ``batch_size`` chunks by
   ``lax.map`` inside one program, each chunk sharded over the mesh's 'data'
   axis; eps is traced, so an eps grid compiles once per recipe.
   ``with_inputs``: also return the attacked inputs ``[N, ...]``.
@@ -109,7 +131,10 @@ def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size:
         xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
                            eps, model_key, box=box)
       pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
-      correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
+      if stochastic and passes and model_key is None:
+        correct = _pass_verdicts(apply_fn, params, xb, yb, pred_keys, passes)
+      else:
+        correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
       return (correct, xb) if with_inputs else correct
 
     return batching.map_batches(chunk, (x, y, idx), batch_size)
@@ -244,13 +269,58 @@ class Evaluator:
     return evaluate(*args, evaluator=self, **kwargs)
 
 
+class Verdicts(NamedTuple):
+  """One cell's verdicts. ``mask`` bool [N]: correct (a stochastic model: by
+  the majority vote over its passes); ``passes`` bool [N, P]: correct in each
+  evaluation pass (stochastic models), else None."""
+
+  mask: np.ndarray
+  passes: np.ndarray | None = None
+
+
+def accuracy_stats(v: Verdicts) -> dict:
+  """A row's accuracy fields: ``accuracy``; with passes also ``accuracy_std``
+  (sample std over the passes), ``passes``, ``majority_vote_accuracy`` and
+  ``accuracy_se``, the standard error of the mean over passes estimated from
+  each example's fraction of correct passes q_i: sqrt(sum q_i (1 - q_i) / (P - 1)) / N
+  (the noise is drawn independently per example; what the checks allow for)."""
+  if v.passes is None:
+    return dict(accuracy=float(np.mean(v.mask)))
+  per_pass = v.passes.mean(0)                       # [P]
+  n, p = v.passes.shape
+  q = v.passes.mean(1)
+  se = math.sqrt(float(np.sum(q * (1 - q))) / max(p - 1, 1)) / max(n, 1)
+  return dict(accuracy=float(per_pass.mean()), accuracy_std=float(per_pass.std(ddof=1)) if p > 1 else 0.0,
+              passes=int(p), majority_vote_accuracy=float(np.mean(v.mask)), accuracy_se=se)
+
+
+def worst_case(cells: list[Verdicts]) -> Verdicts:
+  """The per-example worst case over cells (the clean evaluation and every attack).
+
+  Deterministic: robust only if correct in every cell (AND of the masks).
+  Stochastic: per example the cell the model gets right least often over
+  its passes (lowest fraction of correct passes; among ties one whose
+  majority vote is wrong), and that cell's pass verdicts and majority vote.
+  (A per-pass AND would count each extra attack as one more random draw the
+  example must survive, lowering accuracy with every attack, strong or not.)
+  """
+  if cells[0].passes is None:
+    return Verdicts(np.logical_and.reduce([c.mask for c in cells]))
+  p = cells[0].passes.shape[1]
+  score = np.stack([c.passes.mean(1) + c.mask * (0.5 / p) for c in cells])   # [A, N]
+  pick = np.argmin(score, axis=0)
+  cols = np.arange(score.shape[1])
+  return Verdicts(np.stack([c.mask for c in cells])[pick, cols], np.stack([c.passes for c in cells])[pick, cols])
+
+
 class _Runner:
   """Runs (recipe, eps) cells on all examples or a subset; keeps the timing."""
 
-  def __init__(self, evaluator, apply_fn, params, x, y, ev, mesh, eot, stochastic, box=attacks.UNIT_BOX):
+  def __init__(self, evaluator, apply_fn, params, x, y, ev, mesh, eot, stochastic, box=attacks.UNIT_BOX,
+               passes: int = 0):
     self.evaluator = evaluator
     self.apply_fn, self.params, self.ev, self.mesh, self.box = apply_fn, params, ev, mesh, box
-    self.eot, self.stochastic = eot, stochastic
+    self.eot, self.stochastic, self.passes = eot, stochastic, passes if stochastic else 0
     self.n = int(y.shape[0])
     self.batch_size = int(ev.batch_size)
     self.x, self.y = x, y
@@ -262,26 +332,34 @@ class _Runner:
     devices = self.mesh.devices.size
     return max(min(batch_size, count) // devices * devices, devices)
 
-  def mask(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None,
-           with_inputs=False):
-    """bool [N] (or [len(subset)]): correct after ``recipe`` at ``eps``. The cell key
-    is that of ``key_name`` (default: the recipe's name) at ``eps``. ``with_inputs``:
-    returns ``(mask, attacked inputs [N, ...])``."""
+  def mask(self, recipe, eps, **kwargs):
+    """bool [N] (or [len(subset)]): :meth:`verdicts`' mask (with ``with_inputs``:
+    ``(mask, attacked inputs)``)."""
+    out = self.verdicts(recipe, eps, **kwargs)
+    return (out[0].mask, out[1]) if kwargs.get('with_inputs') else out.mask
+
+  def verdicts(self, recipe, eps, *, subset=None, batch_size=None, model_key=None, key_name=None,
+               with_inputs=False):
+    """:class:`Verdicts` of ``recipe`` at ``eps`` (on ``subset`` if given). The cell key
+    is that of ``key_name`` (default: the recipe's name) at ``eps``; ``model_key``
+    freezes a stochastic model's noise (one pass, a deterministic network).
+    ``with_inputs``: returns ``(verdicts, attacked inputs [N, ...])``."""
     bs = batch_size or self.batch_size
     x, y, idx = self.x, self.y, self.idx
     if subset is not None:
       if len(subset) == 0:
-        return np.zeros((0,), bool)
+        return Verdicts(np.zeros((0,), bool))
       sel = jnp.asarray(subset, jnp.int32)
       x, y, idx = x[sel], y[sel], idx[sel]
     bs = self.chunk_size(bs, int(idx.shape[0]))
+    passes = self.passes if model_key is None else 0
     fn = self.evaluator.correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic,
-                                   with_inputs=with_inputs, box=self.box)
+                                   with_inputs=with_inputs, box=self.box, passes=passes)
     name = key_name or (recipe.name if recipe is not None else 'clean')
     out = fn(self.params, x, y, idx, attack_key(int(self.ev.seed), name, eps), jnp.float32(eps), model_key)
-    if with_inputs:
-      return np.asarray(out[0]), np.asarray(out[1])
-    return np.asarray(out)
+    correct, inputs = out if with_inputs else (out, None)
+    v = Verdicts(np.asarray(correct[1]), np.asarray(correct[0])) if passes else Verdicts(np.asarray(correct))
+    return (v, np.asarray(inputs)) if with_inputs else v
 
   def probe(self, recipe, eps, batch_size: int):
     """:func:`probe_fn` on every example at ``batch_size``, with the clean
@@ -323,8 +401,13 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     ev: ``config.eval``.
     mesh: the ``('data',)`` mesh.
     stochastic: the model draws noise from ``rng``; attacks then average
-      gradients over ``eval.eot_samples`` draws (EOT) and predictions vote
-      over as many draws. A stochastic model is never evaluated without EOT.
+      gradients over ``eval.eot_samples`` draws (EOT), and every verdict is
+      taken over ``eval.passes`` evaluation passes (one fresh draw each):
+      rows carry the mean over passes as ``accuracy`` with ``accuracy_std``,
+      ``passes``, ``majority_vote_accuracy`` and ``accuracy_se`` (and the
+      result ``clean_accuracy_std`` etc.); masks are majority-vote verdicts.
+      A stochastic model is never evaluated without EOT (eot_samples >= 2)
+      or with fewer than MIN_PASSES passes.
     box: the valid input range ``(lo, hi)`` every attack clips to (default
       [0, 1] for images); None for inputs with no valid box (e.g. synthetic
       float vectors): attacks are then limited by the eps-ball only, and the
@@ -340,55 +423,73 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     ``timing``. ``evaluator``: reuse its compiled programs (default: a new one).
   """
   eot = max(int(ev.eot_samples), 1) if stochastic else 1
+  passes = int(ev.get('passes', MIN_PASSES)) if stochastic else 0
   if stochastic and eot < 2:
     raise ValueError('a stochastic model needs eval.eot_samples >= 2 (EOT); got '
-                     f'{int(ev.eot_samples)}')
+                     f'{int(ev.eot_samples)}: pass --config.eval.eot_samples=8')
+  if stochastic and passes < MIN_PASSES:
+    raise ValueError(f'a stochastic model is evaluated over eval.passes >= {MIN_PASSES} passes (its accuracy is '
+                     f'random); got {passes}: pass --config.eval.passes={MIN_PASSES}')
   recipe_list = recipes_lib.resolve(ev, eot)
   n = int(len(labels))
   parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
   rep = parallel.replicated(mesh)
   x, y = jax.device_put((jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
   runner = _Runner(evaluator or Evaluator(), apply_fn, params, x, y, ev, mesh, eot, stochastic,
-                   attacks.check_box(box))
+                   attacks.check_box(box), passes)
   keep = {(str(a), float(e)) for a, e in keep_inputs}
   adversarial = {}
   t_start = time.perf_counter()
 
-  clean_mask = runner.mask(None, 0.0)
-  clean = float(clean_mask.mean())
-  log(f'{tag}clean accuracy {clean:.4f} on {n} examples' + (f' ({eot}-draw vote)' if stochastic else ''))
-  rows, masks = [], {'clean': clean_mask}
+  clean_v = runner.verdicts(None, 0.0)
+  clean_stats = accuracy_stats(clean_v)
+  clean, clean_mask = clean_stats['accuracy'], clean_v.mask
+  log(f'{tag}clean accuracy {_show(clean_stats)} on {n} examples')
+  rows, masks, verdicts = [], {'clean': clean_mask}, {'clean': clean_v}
   eps_grid = sorted({float(e) for e in ev.eps})
   for recipe in recipe_list:
     for eps in eps_grid:
       t0 = time.perf_counter()
+      key = f'{recipe.name}@{eps:g}'
       if (recipe.name, eps) in keep:
-        mask, adversarial[f'{recipe.name}@{eps:g}'] = runner.mask(recipe, eps, with_inputs=True)
+        v, adversarial[key] = runner.verdicts(recipe, eps, with_inputs=True)
       else:
-        mask = runner.mask(recipe, eps)
-      masks[f'{recipe.name}@{eps:g}'] = mask
+        v = runner.verdicts(recipe, eps)
+      masks[key], verdicts[key] = v.mask, v
+      stats = accuracy_stats(v)
       rows.append(dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts,
-                       eot=eot, accuracy=float(mask.mean())))
-      log(f'{tag}{recipe.name:>10} eps={eps:<7g} accuracy {mask.mean():.4f}  ({time.perf_counter() - t0:.1f} s)')
+                       eot=eot, **stats))
+      log(f'{tag}{recipe.name:>10} eps={eps:<7g} accuracy {_show(stats)}  ({time.perf_counter() - t0:.1f} s)')
   for eps in eps_grid:
-    worst = np.logical_and.reduce([masks[f'{r.name}@{eps:g}'] for r in recipe_list] + [clean_mask])
-    masks[f'worst_case@{eps:g}'] = worst
+    worst = worst_case([verdicts['clean']] + [verdicts[f'{r.name}@{eps:g}'] for r in recipe_list])
+    verdicts[f'worst_case@{eps:g}'] = worst
+    masks[f'worst_case@{eps:g}'] = worst.mask
     rows.append(dict(attack='worst_case', norm=ev.norm, eps=eps, steps=max(r.steps for r in recipe_list),
-                     restarts=max(r.restarts for r in recipe_list), eot=eot, accuracy=float(worst.mean())))
+                     restarts=max(r.restarts for r in recipe_list), eot=eot, **accuracy_stats(worst)))
   t_grid = time.perf_counter() - t_start
 
-  checks = sanity_lib.grid_checks(clean, rows, recipe_list, n)
+  checks = sanity_lib.grid_checks(clean, rows, recipe_list, n, clean_se=clean_stats.get('accuracy_se', 0.0))
   check_eps = sanity_lib.choose_check_eps(ev, clean, rows)
   if bool(ev.get('sanity', True)):
-    checks.update(sanity_lib.attack_checks(runner, recipe_list, masks, clean_mask, check_eps, log=log, tag=tag))
+    checks.update(sanity_lib.attack_checks(runner, recipe_list, masks, clean_mask, check_eps, log=log, tag=tag,
+                                           verdicts=verdicts, rows=rows))
   convergence = _convergence(runner, recipe_list, check_eps, int(ev.get('trajectories', 0)))
   failed = [k for k, v in checks.items() if not v['passed']]
   for k in failed:
     log(f'{tag}WARNING: SANITY CHECK FAILED: {k}: {checks[k]["detail"]} (value {checks[k]["value"]:.4g})')
   seconds = time.perf_counter() - t_start
-  return dict(clean_accuracy=clean, robustness=rows, masks=masks, eval_examples=n, sanity=checks,
+  extra = {f'clean_{k}': v for k, v in clean_stats.items() if k != 'accuracy'}
+  return dict(clean_accuracy=clean, **extra, robustness=rows, masks=masks, eval_examples=n, sanity=checks,
               convergence=convergence, adversarial=adversarial,
               timing=dict(eval_seconds=seconds, attack_grid_seconds=t_grid, sanity_seconds=seconds - t_grid))
+
+
+def _show(stats: dict) -> str:
+  """An accuracy for the log: ``0.9120`` or, over passes, ``0.9120 +- 0.0040 (5 passes, majority 0.9160)``."""
+  if 'passes' not in stats:
+    return f'{stats["accuracy"]:.4f}'
+  return (f'{stats["accuracy"]:.4f} +- {stats["accuracy_std"]:.4f} ({stats["passes"]} passes, majority '
+          f'{stats["majority_vote_accuracy"]:.4f})')
 
 
 def _convergence(runner: _Runner, recipe_list, eps: float | None, k: int) -> list[dict]:

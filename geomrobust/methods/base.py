@@ -20,6 +20,12 @@ them out and writes them into ``params['model_state']`` after the optimiser
 update. Evaluation (``apply(..., train=False)``, ``logits``) uses the running
 averages, so a prediction never depends on the rest of its batch.
 
+Constants: a model may keep non-trained values in the Flax collection
+``constants`` (e.g. a noise layer's ``noise_scale``, which a sweep sets per
+member); they live in ``params['constants']`` and, like the model state, the
+optimiser never touches them (``phase_optimizer`` gives them no state and
+exactly zero updates). :meth:`Method.set_constant` replaces one by name.
+
 Randomness: ``apply`` / ``logits`` / ``apply_with_state`` take a key and hand
 it to the Flax module as ``rngs`` (one stream per name in the model's
 ``rng_streams``, default ``('noise', 'dropout')``), so a module may draw with
@@ -45,6 +51,8 @@ from geomrobust import config as config_lib
 Params = Any
 # The params key (and reserved metrics key) of a model's non-trained state.
 MODEL_STATE = 'model_state'
+# The params key of a model's constants (Flax collection 'constants'): never trained.
+CONSTANTS = 'constants'
 LossFn = Callable[[Params, dict, jax.Array, dict], tuple[jax.Array, dict]]
 
 
@@ -103,6 +111,28 @@ class Method:
     params = {'model': variables['params']}
     if 'batch_stats' in variables:
       params[MODEL_STATE] = variables['batch_stats']
+    if CONSTANTS in variables:
+      params[CONSTANTS] = variables[CONSTANTS]
+    return params
+
+  @staticmethod
+  def set_constant(params: Params, name: str, value) -> Params:
+    """``params`` with every leaf named ``name`` of ``params['constants']`` set
+    to ``value`` (a scalar, or an array broadcast over stacked members);
+    ValueError when the model has no such constant."""
+    found = []
+
+    def put(path, leaf):
+      if path_names(path)[-1] != name:
+        return leaf
+      found.append(path)
+      return jnp.broadcast_to(jnp.asarray(value, leaf.dtype), jnp.shape(value) + jnp.shape(leaf)[jnp.ndim(value):])
+
+    if CONSTANTS in params:
+      params = dict(params, **{CONSTANTS: jax.tree_util.tree_map_with_path(put, params[CONSTANTS])})
+    if not found:
+      raise ValueError(f'the model has no constant {name!r} (its constants: '
+                       f'{sorted({path_names(p)[-1] for p, _ in jax.tree_util.tree_leaves_with_path(params.get(CONSTANTS, {}))}) or "none"})')
     return params
 
   def hparams(self) -> dict[str, jax.Array]:
@@ -134,9 +164,12 @@ class Method:
     dict: ``return loss, {**metrics, **state}``.
     """
     rngs = self._rngs(rng)
+    variables = {'params': params['model']}
+    if CONSTANTS in params:
+      variables[CONSTANTS] = params[CONSTANTS]
     if MODEL_STATE not in params:
-      return self.model.apply({'params': params['model']}, x, train=train, rngs=rngs), {}
-    variables = {'params': params['model'], 'batch_stats': params[MODEL_STATE]}
+      return self.model.apply(variables, x, train=train, rngs=rngs), {}
+    variables['batch_stats'] = params[MODEL_STATE]
     if not train:
       return self.model.apply(variables, x, train=False, rngs=rngs), {MODEL_STATE: params[MODEL_STATE]}
     out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'], rngs=rngs)

@@ -8,7 +8,7 @@ model's config (each module's ``BOUNDS``), checked before any data is loaded.
 import ml_collections
 
 from geomrobust import config as config_lib
-from geomrobust.models import cnn, mlp, resnet
+from geomrobust.models import cnn, mlp, resnet, stochastic
 from geomrobust.models.cnn import SmallCNN
 from geomrobust.models.common import ACTIVATIONS, INITS
 from geomrobust.models.mlp import MLP
@@ -23,14 +23,25 @@ MODELS = {
     # Config: width (64 = the standard 64-128-256-512), preact, weight_init.
     'resnet18': lambda c, n: resnet18(width=c.get('width', 64), num_classes=n, preact=c.get('preact', False),
                                       weight_init=c.get('weight_init', 'he')),
+    # Stochastic neurons (models/stochastic.py): VOne or conv first block + noise.
+    'vone_cnn': stochastic.build_cnn,
+    'vone_resnet18': stochastic.build_resnet,
 }
 
-_BOUNDS: dict[str, dict[str, config_lib.Range]] = {'mlp': mlp.BOUNDS, 'cnn': cnn.BOUNDS, 'resnet18': resnet.BOUNDS}
+_BOUNDS: dict[str, dict[str, config_lib.Range]] = {'mlp': mlp.BOUNDS, 'cnn': cnn.BOUNDS, 'resnet18': resnet.BOUNDS,
+                                                   'vone_cnn': stochastic.BOUNDS, 'vone_resnet18': stochastic.BOUNDS}
+# Model fields a stacked sweep may trace (``sweep.hparam=model.<field>``): {field: constant leaf name}.
+_TRACED: dict[str, dict[str, str]] = {'vone_cnn': stochastic.TRACED, 'vone_resnet18': stochastic.TRACED}
 
 
 def model_bounds(name: str) -> dict[str, config_lib.Range]:
   """``{config.model field: Range}`` of model ``name`` ({} for an unknown name)."""
   return dict(_BOUNDS.get(name, {}))
+
+
+def traced_fields(name: str) -> dict[str, str]:
+  """``{config.model field: constant leaf name}`` a stacked sweep of model ``name`` can trace."""
+  return dict(_TRACED.get(name, {}))
 
 
 def build_model(model_config: ml_collections.ConfigDict, num_classes: int):

@@ -82,6 +82,8 @@ class ResNet(nn.Module):
     num_classes: width of the linear readout (named ``out``).
     preact: pre-activation blocks (see the module docstring).
     weight_init: kernel initialiser name in ``common.INITS``.
+    stem: the 3x3 stem convolution (and its BN-ReLU); False feeds ``x``
+      straight to the first stage (a front end of its own, e.g. VOneResNet).
 
   ``__call__(x, train)`` takes ``x: float32 [B, H, W, C]`` (32x32 for CIFAR)
   and returns ``(logits [B, num_classes], reps)``: the output of each stage,
@@ -94,13 +96,16 @@ class ResNet(nn.Module):
   num_classes: int = 10
   preact: bool = False
   weight_init: str = 'he'
+  stem: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kinit = common.kernel_init(self.weight_init)
-    h = Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kinit,
-             name='stem_conv')(x)
-    if not self.preact:
+    h = x
+    if self.stem:
+      h = Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=kinit,
+               name='stem_conv')(x)
+    if self.stem and not self.preact:
       h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
                                name='stem_bn')(h))
     reps = []

@@ -75,15 +75,17 @@ def phase_optimizer(phase: base.Phase, params, train, steps_per_epoch) -> optax.
 
   ``params['model_state']`` (BatchNorm statistics) is always frozen: the train
   step writes it from the loss, and e.g. weight decay must not shrink it.
+  ``params['constants']`` (e.g. a noise level) is never trained either.
   """
   tx = make_optimizer(train, phase.lr if phase.lr is not None else float(train.lr), steps_per_epoch)
-  has_state = isinstance(params, dict) and base.MODEL_STATE in params
-  if phase.trainable is None and not has_state:
+  fixed = (base.MODEL_STATE, base.CONSTANTS)
+  has_fixed = isinstance(params, dict) and any(k in params for k in fixed)
+  if phase.trainable is None and not has_fixed:
     return tx
 
   def label(path, _):
     names = base.path_names(path)
-    if names[0] == base.MODEL_STATE:
+    if names[0] in fixed:
       return 'freeze'
     return 'train' if phase.trainable is None or phase.trainable(names) else 'freeze'
 
