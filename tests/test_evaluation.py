@@ -324,7 +324,7 @@ def test_frozen_noise_check_flags_robustness_that_is_only_randomness(honest):
   ev = _ev(eot_samples=4, attacks=('pgd',), pgd_restarts=1, eps=(0.1,))
   res = _run(_tiny_signal, params, x, y, ev, stochastic=True)
   check = res['sanity']['frozen_noise_attack']
-  assert not check['passed'] and 'randomness' in check['detail'], check
+  assert not check['passed'] and 'barely depends on the input' in check['detail'], check
   honest_res = _run(_noisy, params, x, y, ev, stochastic=True)
   assert honest_res['sanity']['frozen_noise_attack']['passed'], honest_res['sanity']['frozen_noise_attack']
 
@@ -348,6 +348,21 @@ def test_pass_statistics_and_the_stochastic_worst_case():
   # Deterministic verdicts: the AND of the masks.
   np.testing.assert_array_equal(suite.worst_case([suite.Verdicts(a.mask), suite.Verdicts(b.mask)]).mask,
                                 a.mask & b.mask)
+
+
+def test_majority_vote_is_the_most_frequent_label_over_passes():
+  def apply_fn(params, x, key):   # a label drawn from the key: 0, 1 or 2
+    return jax.nn.one_hot(jax.random.randint(key, (x.shape[0],), 0, 3), C) * 5.0
+
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(64))
+  x, y = jnp.zeros((64, 3)), jnp.asarray(np.arange(64) % 3, jnp.int32)
+  correct, majority = suite._pass_verdicts(apply_fn, None, x, y, keys, 7)
+  labels = np.array([[int(jnp.argmax(apply_fn(None, x[:1], jax.random.fold_in(k, p))[0])) for p in range(7)]
+                     for k in keys])
+  np.testing.assert_array_equal(correct, labels == np.asarray(y)[:, None])
+  mode = np.array([np.argmax(np.bincount(row, minlength=C)) for row in labels])
+  np.testing.assert_array_equal(majority, mode == np.asarray(y))
+  assert 0 < majority.mean() < 1 and not np.array_equal(majority, correct[:, 0])
 
 
 def test_grid_checks_allow_for_the_sampling_error_of_stochastic_rows():
