@@ -284,7 +284,8 @@ def field_bounds(config: ml_collections.ConfigDict) -> dict[str, Range]:
   if isinstance(config.get('sweep'), ml_collections.ConfigDict):
     from geomrobust import members
     add('sweep', members.SWEEP_BOUNDS)
-    hparam = out.get(f'method.{config.sweep.get("hparam", "")}')
+    swept = str(config.sweep.get('hparam', ''))
+    hparam = out.get(swept if swept.startswith('model.') else f'method.{swept}')
     if hparam is not None:
       out['sweep.grid'] = hparam
   return out

@@ -136,11 +136,15 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     for m in (m for g in groups for m in g.members):
       check_workdir_config(workdir / m.name, m.config)
       ctx.data(m.config)  # Every dataset loads (or fails) before anything is written.
+    sub = members_lib.member_sweep(config)
+    if sub is not None:
+      check_workdir_config(workdir / members_lib.sweep_name(config), sub)
+      ctx.data(sub)
     runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
     t_start = time.perf_counter()
-    if config.get('sweep'):
+    if groups[0].role in ('sweep', 'baseline'):
       return _run_sweep(config, workdir, groups, ctx, log=log, reevaluate=reevaluate, t_start=t_start)
-    return _run_family(config, workdir, groups[0].members, ctx, log=log)
+    return _run_family(config, workdir, groups[0].members, ctx, log=log, reevaluate=reevaluate)
 
 
 def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
@@ -149,13 +153,17 @@ def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
   top_path = workdir / 'results.json'
   if not top_path.exists():
     return None
-  if groups[0].role == 'single' or config.get('sweep'):
-    check_workdir_config(workdir, config if config.get('sweep') else groups[0].members[0].config)
+  is_sweep = groups[0].role in ('sweep', 'baseline')
+  if groups[0].role == 'single' or is_sweep:
+    check_workdir_config(workdir, config if is_sweep else groups[0].members[0].config)
     return runio.read_json(top_path)
   top = runio.read_json(top_path)
   members = groups[0].members
   if [r.get('name') for r in top.get('runs', [])] != [m.name for m in members]:
     return None  # Another selection of members (--config.only) was run here.
+  sub = members_lib.member_sweep(config)
+  if sub is not None and members_lib.sweep_name(config) not in top:
+    return None
   for m in members:
     if not (workdir / m.name / 'results.json').exists():
       return None
@@ -163,8 +171,9 @@ def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
   return top
 
 
-def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log) -> dict:
-  """Each member trained and evaluated in its own folder, then the summary."""
+def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reevaluate: bool = False) -> dict:
+  """Each member trained and evaluated in its own folder, then the summary
+  (and a member sweep, ``members.member_sweep``, run into its own folder)."""
   runs, member_results = [], {}
   for i, m in enumerate(ms):
     sub = workdir / m.name
@@ -181,6 +190,17 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log) -> dic
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
              seed=int(config.seed), runs=runs, table=report.summary_table(member_results),
              smoke=bool(config.get('smoke_run', False)))
+  sub = members_lib.member_sweep(config)
+  if sub is not None:
+    # The member sweep: a plain sweep experiment in its own folder, its table in ours.
+    name = members_lib.sweep_name(config)
+    log(f'[{name}] sweep of member {config.sweep.member!r} over {sub.sweep.hparam} into {workdir / name}')
+    sweep_top = run_experiment(sub, workdir / name, ctx.data_dir, log=lambda line: log(f'[{name}] {line}'),
+                               reevaluate=reevaluate)
+    top[name] = tables.member_sweep_rows(sweep_top)
+    top['member_sweep'] = dict(name=name, member=str(config.sweep.member), hparam=str(sub.sweep.hparam),
+                               eps=float(sub.sweep.pgd_eps), profile=str(sub.sweep.screen_profile),
+                               results=f'{name}/results.json')
   top_path = workdir / 'results.json'
   runio.write_json(top_path, top)
   report.write_experiment_report(workdir, config, top, member_results)
@@ -392,8 +412,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str
 
 def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) -> dict:
   cfg_path = workdir / 'config.json'
-  if runio.read_json(cfg_path).get('sweep'):
-    config = config_lib.apply_overrides(config_lib.with_defaults(runio.read_json(cfg_path)), eval_overrides)
+  stored = runio.read_json(cfg_path)
+  if stored.get('sweep') and not stored['sweep'].get('member'):
+    config = config_lib.apply_overrides(config_lib.with_defaults(stored), eval_overrides)
     return run_experiment(config, workdir, data_dir, log=log, reevaluate=True)
   names = [n for n in member_names(workdir) if (workdir / n / 'checkpoints').exists()] \
       if not (workdir / 'checkpoints').exists() else ['']
@@ -428,6 +449,11 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
     out[name] = res
   if family:
     top['table'] = report.summary_table(out)
+    info = top.get('member_sweep')
+    if info and (workdir / info['name'] / 'config.json').exists():
+      # The member sweep is re-evaluated as the sweep it is (its screening and strong evaluations).
+      top[info['name']] = tables.member_sweep_rows(evaluate_workdir(
+          workdir / info['name'], eval_overrides, data_dir, log=lambda line: log(f'[{info["name"]}] {line}')))
     runio.write_json(top_path, top)
     report.write_experiment_report(workdir, top_config, top, out)
   return out

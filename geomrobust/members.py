@@ -14,11 +14,16 @@ An experiment config expands to groups of members:
                    folder; slower, but any config works).
 
 Sweep fields (``config.sweep``):
-  hparam            the swept traced hyperparameter (``method.<hparam>``).
+  hparam            the swept traced hyperparameter (``method.<hparam>``), or
+                    ``model.<field>`` for a field the model keeps as a
+                    constant (``models.traced_fields``, e.g. model.noise_scale).
   grid              its values.  seeds: seeds ``config.seed, config.seed+1, ...`` (a count).
   stacked           train each group as one vmapped program (else one by one).
   chunk_size        values per vmapped chunk (0 = the whole grid at once).
   baseline          a member spec ``'name: key=value; ...'`` trained over the same seeds ('' = none).
+  member, name      in a *family* experiment: sweep that member's config
+                    (``member_sweep``) into ``<workdir>/<name>`` after the
+                    family, its table under ``name`` in the top results.json.
   mean_last_epochs  clean accuracy = mean test accuracy (``data.test_*`` split)
                     after each of the last K epochs of the final phase.
   screen_profile, screen_examples, pgd_eps
@@ -43,6 +48,7 @@ import ml_collections
 from geomrobust import config as config_lib
 from geomrobust import data as data_lib
 from geomrobust import evaluation
+from geomrobust import models
 from geomrobust import pipeline
 from geomrobust.training import sweep as sweep_lib
 
@@ -105,13 +111,20 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
     raise config_lib.ConfigError('sweep.grid is empty: list the grid, e.g. --config.sweep.grid=0,0.5,1')
   if len(set(values)) != len(values):
     raise config_lib.ConfigError(f'sweep.grid has duplicates: {values}')
-  if hparam not in config.method:
+  field = sweep_lib.model_field(hparam)
+  if field:
+    traced = models.traced_fields(str(config.model.name))
+    if field not in traced or field not in config.model:
+      raise config_lib.ConfigError(f'sweep.hparam={hparam!r}: model {config.model.name!r} has no traced field '
+                                   f'{field!r} (traced: {", ".join("model." + k for k in traced) or "none"})')
+  elif hparam not in config.method:
     raise config_lib.ConfigError(f'sweep.hparam={hparam!r} is not a field of config.method '
-                                 f'({", ".join(k for k in config.method if k != "name")})')
+                                 f'({", ".join(k for k in config.method if k != "name")}) nor a traced model '
+                                 'field (model.<field>)')
   seeds = tuple(int(config.seed) + i for i in range(int(sw.seeds)))
   stacked = bool(sw.get('stacked', True))
   base = _strip(config)
-  groups = [Group(hparam, 'sweep', base, stacked, sweep_lib.Grid(hparam, values, seeds))]
+  groups = [Group(field or hparam, 'sweep', base, stacked, sweep_lib.Grid(hparam, values, seeds))]
   if str(sw.get('baseline', '') or ''):
     name, overrides = config_lib.parse_member(str(sw.baseline))
     baseline = config_lib.apply_overrides(base, overrides, where='sweep.baseline')
@@ -121,8 +134,9 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
       for vi, value in enumerate(g.grid.values):
         overrides = dict(g.overrides)
         if g.grid.hparam:
-          overrides[f'method.{g.grid.hparam}'] = _fmt(value)
-          name = f'{g.grid.hparam}_{_fmt(value)}_seed{seed}'
+          field = sweep_lib.model_field(g.grid.hparam)
+          overrides[g.grid.hparam if field else f'method.{g.grid.hparam}'] = _fmt(value)
+          name = f'{field or g.grid.hparam}_{_fmt(value)}_seed{seed}'
         else:
           name = f'{g.name}_seed{seed}'
         overrides['seed'] = str(seed)
@@ -132,13 +146,46 @@ def _sweep_groups(config: ml_collections.ConfigDict) -> list[Group]:
   return groups
 
 
+def member_sweep(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """A family's sweep of one of its members (``sweep.member = NAME``): the
+  plain sweep experiment config it runs (that member's config with the
+  ``sweep`` section), or None when the experiment has no such sweep. The
+  family runs it into ``<workdir>/<sweep.name>`` and puts its table in the
+  top ``results.json`` under ``sweep.name``."""
+  sw = config.get('sweep')
+  member = str(sw.get('member', '') or '') if sw else ''
+  if not member:
+    return None
+  specs = dict(config_lib.parse_member(spec) for spec in (config.get('members') or ()))
+  if member not in specs:
+    raise config_lib.ConfigError(f'sweep.member={member!r} is not a member of the family; members: '
+                                 f'{", ".join(specs) or "none"}')
+  base = copy.deepcopy(config)
+  with base.unlocked():
+    base.members, base.only = (), ''
+    base.sweep.member = ''
+  out = config_lib.apply_overrides(base, specs[member], where=f'member {member!r}')
+  with out.unlocked():
+    for key in ('settings', 'smoke'):
+      if key in out:
+        del out[key]
+  return out
+
+
+def sweep_name(config: ml_collections.ConfigDict) -> str:
+  """The folder and top results.json key of a family's member sweep."""
+  return str(config.sweep.get('name', '') or 'sweep')
+
+
 def expand(config: ml_collections.ConfigDict) -> list[Group]:
   """The groups (and their members) of an experiment config (its values
-  range-checked first: ``config.check_values``)."""
+  range-checked first: ``config.check_values``). A family with a member
+  sweep (:func:`member_sweep`) expands to its family group; the sweep is a
+  sub-experiment of its own."""
   config_lib.check_values(config)
-  if config.get('sweep'):
+  if config.get('sweep') and member_sweep(config) is None:
     return _sweep_groups(config)
-  family = config_lib.member_configs(config)
+  family = [(name, overrides, _without_sweep(cfg)) for name, overrides, cfg in config_lib.member_configs(config)]
   if len(family) == 1 and family[0][0] == '':
     group = Group('', 'single', family[0][2], stacked=False)
   else:
@@ -147,10 +194,22 @@ def expand(config: ml_collections.ConfigDict) -> list[Group]:
   return [group]
 
 
+def _without_sweep(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  if 'sweep' not in config:
+    return config
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    del config['sweep']
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, groups: list[Group]) -> None:
   """Fails fast (before data or training) on out-of-range values (the whole
   config, each group's and each family member's), unknown names and bad combinations."""
   # (The experiment config itself was checked by expand.)
+  sub = member_sweep(config)
+  if sub is not None:
+    validate(sub, expand(sub))
   for g in groups:
     config_lib.check_values(g.config)
     for m in (g.members if g.role == 'member' else ()):
@@ -158,12 +217,12 @@ def validate(config: ml_collections.ConfigDict, groups: list[Group]) -> None:
   for g in groups:
     for m in (g.members if g.role == 'member' else g.members[:1]):
       pipeline.validate(m.config)
-  if not config.get('sweep'):
+  if not config.get('sweep') or sub is not None:
     return
   sw = config.sweep
   num_classes = data_lib.get_spec(config.dataset).num_classes
   method = pipeline._build(groups[0].config, num_classes)
-  if str(sw.hparam) not in method.hparams():
+  if not sweep_lib.model_field(str(sw.hparam)) and str(sw.hparam) not in method.hparams():
     raise config_lib.ConfigError(f'sweep.hparam={sw.hparam!r} is not a traced hyperparameter of method '
                                  f'{config.method.name!r} (it has: {", ".join(method.hparams()) or "none"})')
   for role in sw.strong:

@@ -102,3 +102,19 @@ def strong_row(role: str, member, res: dict, row: dict, hparam: str) -> dict:
               profile=res.get('eval_profile'), eval_examples=res['eval_examples'],
               clean_accuracy=res['clean_accuracy'], row=row, worst_case=worst, attacks=per_attack,
               sanity_failed=[k for k, v in res.get('sanity', {}).items() if not v.get('passed')])
+
+
+def member_sweep_rows(sweep_top: dict) -> list[dict]:
+  """A family's member-sweep table from the sweep's top results: one row per
+  member ``{<field>: value, seed, clean_accuracy, robust_accuracy, eps,
+  train_clean_accuracy}``, where ``<field>`` is the swept name without its
+  section (``model.noise_scale`` -> ``noise_scale``), ``clean_accuracy`` and
+  ``robust_accuracy`` come from the screening evaluation (same examples; for
+  a stochastic model, means over its passes), ``robust_accuracy`` is the
+  worst case at ``eps`` and ``train_clean_accuracy`` the training's mean test
+  accuracy over its last epochs."""
+  hparam = sweep_top['hparam']
+  field = hparam.split('.')[-1]
+  return [{field: r[hparam], 'seed': r['seed'], 'clean_accuracy': r['eval_clean_accuracy'],
+           'robust_accuracy': r['pgd_accuracy'], 'eps': r['pgd_eps'],
+           'train_clean_accuracy': r['clean_accuracy']} for r in sweep_top['sweep']]

@@ -156,7 +156,7 @@ def write_run_report(workdir: pathlib.Path, config, results: dict, probe_parts: 
             f'- training: {t.get("train_seconds", 0):.1f} s ({t.get("train_examples_per_second", 0):.0f} examples/s); '
             f'evaluation: {t.get("eval_seconds", 0):.1f} s', '',
             '## Accuracy (%) under attack', '', _attack_summary(results), '', *_robustness_table(results), '',
-            '![accuracy vs eps](accuracy_vs_eps.png)', '', '## Sanity checks', '',
+            '![accuracy vs eps](accuracy_vs_eps.png)', '', *stochastic_lines(results), '## Sanity checks', '',
             *_sanity_lines(results.get('sanity', {})), '']
   if convergence:
     lines += ['## Attack convergence', '',
@@ -198,8 +198,38 @@ def summary_table(member_results: dict[str, dict]) -> list[dict]:
                attacks={k: {f'{e:g}': a for e, a in v} for k, v in curves.items() if k != 'worst_case'})
     row['sanity_failed'] = [k for k, v in res.get('sanity', {}).items() if not v.get('passed')]
     row['summary'] = dict(res.get('summary', {}))  # the probes' flat numbers
+    if 'clean_passes' in res:   # a stochastic model: means over passes, their std, the majority vote
+      pick = [r for r in res['robustness'] if r['attack'] == attack]
+      row.update(passes=res['clean_passes'], clean_accuracy_std=res['clean_accuracy_std'],
+                 clean_majority_vote_accuracy=res['clean_majority_vote_accuracy'],
+                 robust_std={f'{r["eps"]:g}': r['accuracy_std'] for r in pick},
+                 robust_majority={f'{r["eps"]:g}': r['majority_vote_accuracy'] for r in pick})
     rows.append(row)
   return rows
+
+
+def _cell(row: dict, eps: str | None = None) -> str:
+  """A table cell: accuracy in %, with ``± std`` over passes for a stochastic model."""
+  value = row['clean_accuracy'] if eps is None else row['robust'].get(eps)
+  std = row.get('clean_accuracy_std') if eps is None else row.get('robust_std', {}).get(eps)
+  return _pct(value) if std is None or value is None else f'{_pct(value)} ± {100 * std:.2f}'
+
+
+def stochastic_lines(results: dict) -> list[str]:
+  """A stochastic model's rows: mean ± std over its passes and the majority vote (report section)."""
+  if 'clean_passes' not in results:
+    return []
+  lines = ['## Over evaluation passes (stochastic model)', '',
+           f'Each verdict is taken over {results["clean_passes"]} passes (one fresh noise draw each; attacks use '
+           f'{max(r["eot"] for r in results["robustness"]) if results["robustness"] else 0} EOT draws per '
+           'gradient). Accuracy in %: mean ± std over passes, and the majority vote over passes.', '',
+           '| attack | eps | mean ± std | majority vote |', '|---|---|---|---|',
+           f'| clean | 0 | {_pct(results["clean_accuracy"])} ± {100 * results["clean_accuracy_std"]:.2f} | '
+           f'{_pct(results["clean_majority_vote_accuracy"])} |']
+  for r in results['robustness']:
+    lines.append(f'| {r["attack"]} | {r["eps"]:g} | {_pct(r["accuracy"])} ± {100 * r["accuracy_std"]:.2f} | '
+                 f'{_pct(r["majority_vote_accuracy"])} |')
+  return lines + ['']
 
 
 def _per_attack_lines(table: list[dict]) -> list[str]:
@@ -221,6 +251,31 @@ def _per_attack_lines(table: list[dict]) -> list[str]:
       lines.append(f'| {r["name"]} | ' + ' | '.join(cells) + f' | {_pct(r["robust"].get(f"{e:g}"))} |')
     lines.append('')
   return lines
+
+
+def _member_sweep_lines(workdir: pathlib.Path, top: dict) -> list[str]:
+  """The family's member-sweep section: mean ± std over seeds per swept value,
+  and the clean vs robust accuracy curves (the tradeoff) in ``<name>_tradeoff.png``."""
+  info = top.get('member_sweep')
+  if not info or not top.get(info['name']):
+    return []
+  from geomrobust import tables
+  from geomrobust.runio import sweep_report
+  rows, field = top[info['name']], info['hparam'].split('.')[-1]
+  summary = tables.summarize(rows, field)
+  plot = f'{info["name"]}_tradeoff.png'
+  sweep_report.plot_vs_value(workdir / plot, summary, field, {'clean_accuracy': 100.0, 'robust_accuracy': 100.0},
+                             None, 'accuracy (%)', f'{top["experiment"]}: {info["member"]} over {field} '
+                             f'(robust: worst case at eps={info["eps"]:g}; mean ± std over seeds)')
+  lines = [f'## Sweep of `{info["hparam"]}` (member `{info["member"]}`)', '',
+           f'Each value trained over {summary[0]["seeds"] if summary else 0} seeds (one vmapped program); '
+           f'clean and robust accuracy (%) from the `{info["profile"]}` screening evaluation, robust = worst case '
+           f'at eps={info["eps"]:g}; mean ± std over seeds. Details: [{info["name"]}/report.md]'
+           f'({info["name"]}/report.md).', '', f'| {field} | clean | robust |', '|---|---|---|']
+  for e in summary:
+    lines.append(f'| {e[field]:g} | {100 * e["clean_accuracy"]:.2f} ± {100 * e["clean_accuracy_std"]:.2f} | '
+                 f'{100 * e["robust_accuracy"]:.2f} ± {100 * e["robust_accuracy_std"]:.2f} |')
+  return lines + ['', f'![tradeoff]({plot})', '']
 
 
 def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
@@ -256,10 +311,14 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
             '| model | clean | ' + ' | '.join(f'eps={e:g}' for e in eps_all) + ' | sanity |',
             '|---|---|' + '---|' * len(eps_all) + '---|']
   for r in table:
-    cells = [_pct(r['robust'].get(f'{e:g}')) for e in eps_all]
+    cells = [_cell(r, f'{e:g}') for e in eps_all]
     sanity = 'ok' if not r['sanity_failed'] else '**FAILED: ' + ', '.join(r['sanity_failed']) + '**'
-    lines.append(f'| {r["name"]} | {_pct(r["clean_accuracy"])} | ' + ' | '.join(cells) + f' | {sanity} |')
+    lines.append(f'| {r["name"]} | {_cell(r)} | ' + ' | '.join(cells) + f' | {sanity} |')
+  if any('passes' in r for r in table):
+    lines += ['', 'Stochastic models (± std): means over their evaluation passes (each a fresh noise draw), EOT '
+              'attacks; their reports also give the majority vote.']
   lines += ['', '![accuracy vs eps](accuracy_vs_eps.png)', '']
+  lines += _member_sweep_lines(workdir, top)
   lines += _per_attack_lines(table)
   if any('fgsm' in r.get('attacks', {}) for r in table):
     fg_eps = sorted({float(e) for r in table for e in r['attacks'].get('fgsm', {})})

@@ -1,7 +1,9 @@
 """A hyperparameter sweep as one compiled program: vmap over the config axis.
 
 A sweep trains S seeds x V values of one *traced* hyperparameter of a method
-(``method.hparams()``, e.g. the local-contrastive target distance ``d_f``).
+(``method.hparams()``, e.g. the local-contrastive target distance ``d_f``), or
+of a model field the model keeps as a constant (``hparam='model.noise_scale'``,
+``models.traced_fields``: set per member in ``params['constants']``).
 Every member has the same shapes, so instead of S*V runs the sweep stacks the
 members' training states along two leading axes ``[S, V, ...]`` and vmaps the
 training loop's own epoch (``loop.make_epoch``, deliberately un-jitted) over
@@ -50,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from geomrobust import models
 from geomrobust import parallel
 from geomrobust.data import source as source_lib
 from geomrobust.methods import base
@@ -130,15 +133,26 @@ def member_sharding(mesh) -> NamedSharding:
 def stack_hparams(method: base.Method, grid: Grid, layout: Layout) -> dict:
   """``method.hparams()`` as ``[S, V_padded]`` float32 arrays, ``grid.hparam`` varying."""
   base_hp = {k: np.float32(v) for k, v in method.hparams().items()}
-  if grid.hparam and grid.hparam not in base_hp:
+  if grid.hparam and grid.hparam not in base_hp and not model_field(grid.hparam):
     raise ValueError(f'sweep.hparam={grid.hparam!r} is not a traced hyperparameter of method '
                      f'{method.config.method.name!r}; it has: {", ".join(base_hp) or "none"}')
   s, vp = len(grid.seeds), layout.padded
   out = {k: np.full((s, vp), v, np.float32) for k, v in base_hp.items()}
-  if grid.hparam:
-    vals = [float(v) for v in grid.values] + [float(grid.values[-1])] * (vp - layout.values)
-    out[grid.hparam] = np.broadcast_to(np.asarray(vals, np.float32), (s, vp)).copy()
+  if grid.hparam and not model_field(grid.hparam):
+    out[grid.hparam] = grid_values(grid, layout)
   return out
+
+
+def grid_values(grid: Grid, layout: Layout) -> np.ndarray:
+  """The swept values as a float32 ``[S, V_padded]`` array (padded with the last value)."""
+  vals = [float(v) for v in grid.values] + [float(grid.values[-1])] * (layout.padded - layout.values)
+  return np.broadcast_to(np.asarray(vals, np.float32), (len(grid.seeds), layout.padded)).copy()
+
+
+def model_field(hparam: str) -> str:
+  """``'noise_scale'`` for a swept model field ``'model.noise_scale'`` (a constant the
+  model keeps in ``params['constants']``, see ``models.traced_fields``), else ''."""
+  return hparam[len('model.'):] if hparam.startswith('model.') else ''
 
 
 def stack_members(fn: Callable, layout: Layout, seed_axes: tuple) -> Callable:
@@ -262,8 +276,14 @@ class _Stacked:
   def _init(self):
     if self.init_params is not None:
       lead = (self.s_count, self.layout.padded)
-      return jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape), self.init_params)
-    return _stack_init(self.method, self.init_rngs, self.example, self.layout)
+      params = jax.tree.map(lambda a: jnp.broadcast_to(a, lead + a.shape), self.init_params)
+    else:
+      params = _stack_init(self.method, self.init_rngs, self.example, self.layout)
+    field = model_field(self.grid.hparam)
+    if field:   # a swept model constant: each member gets its own value, as its own init would
+      leaf = models.traced_fields(self.method.config.model.name)[field]
+      params = self.method.set_constant(params, leaf, jnp.asarray(grid_values(self.grid, self.layout)))
+    return params
 
   def initial(self):
     return self._init(), self.hparams()
