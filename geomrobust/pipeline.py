@@ -185,12 +185,29 @@ def evaluate_model(method: methods.Method, params, data: Data, config, mesh, *, 
   adversarial = ev.pop('adversarial')
   probed = evaluate_probes(method, params, data, config, probes, ev_cfg, adversarial)
   ev['timing']['probe_seconds'] = probed['seconds']
+  add_eps_db(ev['robustness'], config.dataset, x)
+  # A stochastic model's clean accuracy over passes: clean_accuracy_std, clean_passes, ...
+  clean_passes = {k: v for k, v in ev.items() if k.startswith('clean_') and k != 'clean_accuracy'}
   return dict(
       experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
-      seed=int(config.seed), clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
+      seed=int(config.seed), clean_accuracy=ev['clean_accuracy'], **clean_passes, robustness=ev['robustness'],
       eval_examples=ev['eval_examples'], sanity=ev['sanity'], geometry=probed['geometry'],
       probes=probed['probes'], summary=probed['summary'], timing=ev['timing'], convergence=ev['convergence'],
       masks=ev['masks'], smoke=bool(config.get('smoke_run', False)))
+
+
+def add_eps_db(rows: list[dict], dataset: str, x) -> None:
+  """Audio data (a spec with ``signal_peak``): each row's eps also in dB relative
+  to the signal, as audio papers state it: ``eps_db = 20 log10(eps / peak)``
+  for linf (every waveform is scaled to that peak), ``20 log10(eps / mean ||x||_2)``
+  over the evaluated examples for l2. Other data: unchanged."""
+  peak = float(getattr(data_lib.get_spec(dataset), 'signal_peak', 0.0) or 0.0)
+  if not peak:
+    return
+  l2 = float(jnp.mean(jnp.sqrt(jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1))))
+  for r in rows:
+    ref = peak if r['norm'] == 'linf' else l2
+    r['eps_db'] = float(20 * np.log10(r['eps'] / ref)) if r['eps'] > 0 else None
 
 
 def evaluate_probes(method: methods.Method, params, data: Data, config, probes: list, ev_cfg,

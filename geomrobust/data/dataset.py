@@ -45,6 +45,7 @@ class Dataset:
   test_labels: np.ndarray
   num_classes: int
   source: str
+  input_box: object = "auto"   # (lo, hi), None, or "auto": by dtype (see `box`)
 
   def __post_init__(self):
     # Cheap structural checks so a malformed Dataset fails where it is built.
@@ -76,7 +77,10 @@ class Dataset:
 
   @property
   def box(self) -> tuple[float, float] | None:
-    """The valid input box: (0.0, 1.0) for uint8 images, None for float data."""
+    """The valid input box: ``input_box`` when given (e.g. (-1, 1) for
+    waveforms), else (0.0, 1.0) for uint8 images and None for float data."""
+    if self.input_box != "auto":
+      return self.input_box
     return (0.0, 1.0) if self.train_images.dtype == np.uint8 else None
 
   def train_source(self):
@@ -124,12 +128,12 @@ def validate_split(
   Args:
     spec: the data set's spec.
     split: "train" or "test".
-    images: uint8 [N, H, W, C].
+    images: uint8 [N, H, W, C] (float32 [N, samples] for audio).
     labels: integer [N].
     images_where, labels_where: how to name the sources in messages (paths).
     expected_counts: also require N to equal the spec's count for the split.
   """
-  if images.ndim != 4 or images.shape[1:] != spec.image_shape:
+  if images.shape[1:] != tuple(spec.image_shape):
     raise DataError(
         f"{images_where}: {spec.name} {split} images have shape {images.shape[1:]}, expected "
         f"{spec.image_shape}; this is not a {spec.name} file"

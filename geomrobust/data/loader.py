@@ -9,7 +9,7 @@ from geomrobust.data import download as download_lib
 from geomrobust.data.dataset import Dataset
 from geomrobust.data.errors import DataError
 from geomrobust.data.local import candidate_folders, find_in_dir, load_folder, locate_files
-from geomrobust.data.registry import FORMAT_CIFAR_BIN, DatasetSpec, get_spec
+from geomrobust.data.registry import FORMAT_CIFAR_BIN, FORMAT_WAV, DatasetSpec, get_spec
 from geomrobust.data.tfds_source import load_from_tfds
 
 DATA_DIR_ENV = "GEOMROBUST_DATA_DIR"
@@ -95,6 +95,8 @@ def load_dataset(
     return load_folder(spec, files, source=f"cache:{cache}",
                        verify_checksums=verify_checksums, expected_counts=expected_counts)
   blocked = "disabled: download=False" if not download else download_lib.offline_reason()
+  if spec.format == FORMAT_WAV:
+    blocked = f"disabled: no download source for {name} here"
   if blocked is not None:
     if not blocked.startswith("disabled"):
       blocked = f"offline: {blocked}"
@@ -125,6 +127,9 @@ def _complete_in(cache: Path, spec: DatasetSpec):
 
 
 def _how_to_fix(spec: DatasetSpec) -> str:
+  if spec.format == FORMAT_WAV:
+    return (f"Put the {len(spec.files)} recordings (e.g. {spec.files[0]}) in DIR/{spec.name}/ and pass "
+            "--data_dir=DIR.")
   if spec.format == FORMAT_CIFAR_BIN:
     where = f"DIR/{spec.name}/{spec.archive_folder}/ (from {spec.archive_url})"
   else:

@@ -13,7 +13,8 @@ from geomrobust.data.cifar import read_cifar_bin
 from geomrobust.data.dataset import Dataset, freeze, validate_split
 from geomrobust.data.errors import DataError
 from geomrobust.data.idx import read_idx
-from geomrobust.data.registry import FORMAT_CIFAR_BIN, FORMAT_IDX, DatasetSpec
+from geomrobust.data.registry import FORMAT_CIFAR_BIN, FORMAT_IDX, FORMAT_WAV, DatasetSpec
+from geomrobust.data.wav import read_recordings
 
 
 def locate_files(folder: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
@@ -115,10 +116,16 @@ def _load_cached(spec, stamps, source, verify_checksums, expected_counts) -> Dat
         _read_cifar_split(spec, split, [files[n] for n in names], verify_checksums, expected_counts)
         for split, names in (("train", spec.train_files), ("test", spec.test_files))
     ]
+  elif spec.format == FORMAT_WAV:
+    splits = [
+        _read_wav_split(spec, split, [files[n] for n in names], verify_checksums, expected_counts)
+        for split, names in (("train", spec.train_files), ("test", spec.test_files))
+    ]
   else:  # a registry bug, not a user error
     raise ValueError(f"unknown format {spec.format!r} for {spec.name}")
   (train_images, train_labels), (test_images, test_labels) = splits
   return Dataset(
+      input_box=spec.box,
       name=spec.name,
       train_images=freeze(train_images),
       train_labels=freeze(train_labels),
@@ -159,3 +166,13 @@ def _read_cifar_split(spec, split, paths, verify, counts):
   where = os.fspath(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({split} batches {paths[0].name}..{paths[-1].name})"
   validate_split(spec, split, images, labels, images_where=where, labels_where=where, expected_counts=counts)
   return images, labels
+
+
+def _read_wav_split(spec, split, paths, verify, counts):
+  """(float32 [N, samples], int32 [N]) from the split's recordings, in canonical order."""
+  md5 = dict(spec.split_md5).get(split) if verify else None
+  waves, labels = read_recordings(paths, rate=spec.sample_rate, length=spec.image_shape[0], peak=spec.signal_peak,
+                                  expected_md5=md5)
+  where = f"{paths[0].parent} ({split} recordings)"
+  validate_split(spec, split, waves, labels, images_where=where, labels_where=where, expected_counts=counts)
+  return waves, labels

@@ -17,6 +17,7 @@ from geomrobust.data.errors import DataError
 # The two on-disk formats the readers understand.
 FORMAT_IDX = "idx"  # four IDX files: train images/labels, test images/labels
 FORMAT_CIFAR_BIN = "cifar_bin"  # CIFAR-10 binary batches: label byte + 3072 CHW bytes
+FORMAT_WAV = "wav"  # one mono 16-bit WAV per example, "{label}_..." file names (data/wav.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,11 @@ class DatasetSpec:
     archive_folder: folder inside the archive holding the canonical files;
       it is also accepted as a sub-folder of a data_dir.
     tfds_name: the name under which tensorflow_datasets knows the data set.
+    sample_rate, signal_peak: audio (FORMAT_WAV): the recordings' sample rate
+      and the peak |x| every waveform is scaled to (``image_shape`` is then
+      ``(samples,)``, the fixed length).
+    split_md5: ((split, md5 of the split's files' bytes concatenated in
+      canonical order), ...), for sets of many small files.
   """
 
   name: str
@@ -56,6 +62,9 @@ class DatasetSpec:
   archive_md5: str | None = None
   archive_folder: str | None = None
   tfds_name: str = ""
+  sample_rate: int = 0
+  signal_peak: float = 0.0
+  split_md5: tuple[tuple[str, str], ...] = ()
 
   @property
   def files(self) -> tuple[str, ...]:
@@ -64,8 +73,13 @@ class DatasetSpec:
 
   @property
   def box(self) -> tuple[float, float]:
-    """The valid input box of these images after the loop's x / 255: [0, 1]."""
-    return (0.0, 1.0)
+    """The valid input box: [0, 1] for images (after the loop's x / 255),
+    [-1, 1] for waveforms."""
+    return (-1.0, 1.0) if self.format == FORMAT_WAV else (0.0, 1.0)
+
+  @property
+  def audio(self) -> bool:
+    return self.format == FORMAT_WAV
 
   @property
   def generated(self) -> bool:
@@ -99,6 +113,16 @@ def _idx_spec(name: str, base_url: str, md5s: tuple[str, str, str, str]) -> Data
       urls=tuple((f, base_url + f) for f in files),
       tfds_name=name,
   )
+
+
+# The Free Spoken Digit Dataset: 6 speakers x 10 digits x 50 recordings; the usual split
+# puts recordings 0-4 of each (speaker, digit) in the test set.
+FSDD_SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+
+
+def _fsdd_files(indices) -> tuple[str, ...]:
+  # Interleaved (index, speaker, digit): any prefix of a split is balanced over the digits.
+  return tuple(f"recordings/{d}_{s}_{i}.wav" for i in indices for s in FSDD_SPEAKERS for d in range(10))
 
 
 _CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -142,6 +166,20 @@ REGISTRY: dict[str, DatasetSpec] = {
         archive_md5="c32a1d4ab5d03f1284b67883e8d87530",
         archive_folder="cifar-10-batches-bin",
         tfds_name="cifar10",
+    ),
+    "spoken_digit": DatasetSpec(
+        name="spoken_digit",
+        format=FORMAT_WAV,
+        train_files=_fsdd_files(range(5, 50)),
+        test_files=_fsdd_files(range(5)),
+        image_shape=(8000,),      # 1 s at 8 kHz: 99.3% of the recordings fit uncropped
+        num_classes=10,
+        train_count=2700,
+        test_count=300,
+        tfds_name="spoken_digit",
+        sample_rate=8000,
+        signal_peak=0.5,
+        split_md5=(("train", "46f3faae7a2f63daaf9e710ec59796a6"), ("test", "4dcd36b4a0aa47833b1f80e9d23dbc2c")),
     ),
 }
 

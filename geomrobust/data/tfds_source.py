@@ -27,6 +27,8 @@ def load_from_tfds(
   Returns:
     (dataset, "") on success, else (None, why it failed, one line).
   """
+  if spec.format != "idx" and spec.format != "cifar_bin":
+    return None, f"not used for {spec.format} data (read the files with --data_dir)"
   try:
     import tensorflow_datasets as tfds  # optional and slow to import
   except ImportError:

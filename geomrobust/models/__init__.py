@@ -8,7 +8,7 @@ model's config (each module's ``BOUNDS``), checked before any data is loaded.
 import ml_collections
 
 from geomrobust import config as config_lib
-from geomrobust.models import cnn, mlp, resnet, stochastic
+from geomrobust.models import audio, cnn, mlp, resnet, stochastic
 from geomrobust.models.cnn import SmallCNN
 from geomrobust.models.common import ACTIVATIONS, INITS
 from geomrobust.models.mlp import MLP
@@ -26,12 +26,16 @@ MODELS = {
     # Stochastic neurons (models/stochastic.py): VOne or conv first block + noise.
     'vone_cnn': stochastic.build_cnn,
     'vone_resnet18': stochastic.build_resnet,
+    # Waveform input: fixed log-mel front end + noise + CNN (models/audio.py).
+    'audio_cnn': audio.build,
 }
 
 _BOUNDS: dict[str, dict[str, config_lib.Range]] = {'mlp': mlp.BOUNDS, 'cnn': cnn.BOUNDS, 'resnet18': resnet.BOUNDS,
-                                                   'vone_cnn': stochastic.BOUNDS, 'vone_resnet18': stochastic.BOUNDS}
+                                                   'vone_cnn': stochastic.BOUNDS, 'vone_resnet18': stochastic.BOUNDS,
+                                                   'audio_cnn': audio.BOUNDS}
 # Model fields a stacked sweep may trace (``sweep.hparam=model.<field>``): {field: constant leaf name}.
-_TRACED: dict[str, dict[str, str]] = {'vone_cnn': stochastic.TRACED, 'vone_resnet18': stochastic.TRACED}
+_TRACED: dict[str, dict[str, str]] = {'vone_cnn': stochastic.TRACED, 'vone_resnet18': stochastic.TRACED,
+                                      'audio_cnn': audio.TRACED}
 
 
 def model_bounds(name: str) -> dict[str, config_lib.Range]:
