@@ -720,8 +720,19 @@ def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, m
   for n in only:
     if n not in names:
       raise ConfigError(f'--config.only names unknown member {n!r}; members: {", ".join(names)}')
-  return [(name, dict(overrides), apply_overrides(base, overrides, where=f'member {name!r}'))
+  return [(name, dict(overrides), _smoke_member(config, apply_overrides(base, overrides, where=f'member {name!r}')))
           for name, overrides in specs if not only or name in only]
+
+
+def _smoke_member(config: ml_collections.ConfigDict, member: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """In a smoke run, the experiment's ``config.smoke`` overrides again on a
+  member's config (those whose key it has), so a member that replaces a whole
+  section (``model={...}``) is shrunk too."""
+  if not config.get('smoke_run') or not config.get('smoke'):
+    return member
+  items = [parse_assignment(item, 'config.smoke') for item in config.smoke]
+  items = [(k, v) for k, v in items if k not in ('only', 'members') and _get(member, k)[0]]
+  return apply_overrides(member, items, where='config.smoke') if items else member
 
 
 # --------------------------------------------------------------------------
@@ -733,7 +744,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks data, epochs, evaluation and the member list; keeps every code path.
 
   An experiment may refine this with ``config.smoke``, a tuple of
-  ``'key=value'`` overrides applied last.
+  ``'key=value'`` overrides applied last (and again to each family member's
+  config, for the keys it has: a member may replace a whole section).
   """
   config = copy.deepcopy(config)
   with config.unlocked():

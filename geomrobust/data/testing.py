@@ -93,3 +93,21 @@ def class_blobs(n: int = 256, seed: int = 0, shape=(8, 8, 1), num_classes: int =
   centers = rng.integers(0, 255, size=(num_classes,) + tuple(shape))
   x = np.clip(centers[y] + rng.normal(0, noise, size=(n,) + tuple(shape)), 0, 255).astype(np.uint8)
   return x, y
+
+
+def write_spoken_digit(folder: str | os.PathLike, *, samples: int = 400, seed: int = 0) -> None:
+  """Write all canonical spoken_digit recordings into ``folder/recordings/``:
+  short mono 16-bit 8 kHz WAVs, a tone whose pitch depends on the digit plus
+  noise (a learnable stand-in; load with data.verify=False)."""
+  from geomrobust.data.registry import REGISTRY
+  from geomrobust.data.wav import write_wav
+
+  spec = REGISTRY["spoken_digit"]
+  target = Path(folder) / "recordings"
+  target.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  t = np.arange(samples) / spec.sample_rate
+  for name in spec.files:
+    digit = int(Path(name).name.split("_")[0])
+    tone = 0.3 * np.sin(2 * np.pi * (300 + 250 * digit) * t + rng.uniform(0, 2 * np.pi))
+    write_wav(Path(folder) / name, tone + 0.02 * rng.standard_normal(samples), spec.sample_rate)
