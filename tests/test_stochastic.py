@@ -175,3 +175,42 @@ def test_a_stochastic_model_trains_the_same_on_8_devices_as_on_one(run_on_8_cpu_
   out = run_on_8_cpu_devices(SHARDED_SCRIPT)
   for a, b in zip(out['1'], out['8']):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_a_stacked_noise_level_sweep_member_equals_the_same_config_run_alone(tmp_path):
+  from geomrobust.training import sweep as sweep_lib
+  cfg = tiny_config()
+  x, y = testing.class_blobs(128, 0)
+  grid = sweep_lib.Grid('model.noise_scale', (0.0, 2.0), (0,))
+  res = sweep_lib.train_sweep(tiny_method(cfg), grid, x, y, x[:64], y[:64], cfg, None, parallel.make_mesh(1),
+                              mean_last=1, log=lambda s: None)
+  assert res.compilations == {'train': 1}          # one program for both noise levels
+  np.testing.assert_array_equal(np.asarray(res.params['constants']['first']['noise']['noise_scale']), [[0.0, 2.0]])
+  alone_cfg = tiny_config(noise_scale=2.0)
+  alone = loop.train(tiny_method(alone_cfg), x, y, x[:64], y[:64], alone_cfg, tmp_path, parallel.make_mesh(1),
+                     log=lambda s: None)
+  member = jax.tree.map(lambda a: a[0, 1], res.params)
+  chex.assert_trees_all_close(member, alone.params, rtol=1e-4, atol=1e-5)
+  quiet = jax.tree.map(lambda a: a[0, 0], res.params)
+  assert not np.allclose(quiet['model']['out']['kernel'], member['model']['out']['kernel'])
+
+
+def test_sweep_of_a_model_field_needs_a_traced_field_and_a_family_member():
+  from geomrobust import members as members_lib
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.sweep = ml_collections.ConfigDict(dict(
+        hparam='model.front_kernel', grid=(3.0, 5.0), seeds=1, stacked=True, chunk_size=0, baseline='',
+        mean_last_epochs=1, screen_profile='quick', screen_examples=8, pgd_eps=0.1, strong=(), strong_seeds=1))
+  with pytest.raises(config_lib.ConfigError, match="no traced field 'front_kernel'.*model.noise_scale"):
+    members_lib.expand(cfg)
+  cfg.sweep.hparam = 'model.noise_scale'
+  assert [m.name for m in members_lib.expand(cfg)[0].members] == ['noise_scale_3_seed0', 'noise_scale_5_seed0']
+  cfg.sweep.member = 'vone'
+  with pytest.raises(config_lib.ConfigError, match="sweep.member='vone' is not a member"):
+    members_lib.expand(cfg)
+  cfg.members = ('plain: model.noise=none', 'vone: model.noise_scale=0.5')
+  groups = members_lib.expand(cfg)
+  assert [m.name for m in groups[0].members] == ['plain', 'vone'] and 'sweep' not in groups[0].members[0].config
+  sub = members_lib.member_sweep(cfg)
+  assert sub.model.noise_scale == 0.5 and sub.sweep.member == '' and not sub.members
