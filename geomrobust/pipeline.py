@@ -160,6 +160,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if init and not (pathlib.Path(init.partition('@')[0]) / 'config.json').exists():
     raise config_lib.ConfigError(f'init_from={init!r}: no run in {init.partition("@")[0]} (config.json missing)')
   evaluation.recipes.resolve(config.eval)
+  if method.stochastic:
+    # A stochastic model is never evaluated without EOT (evaluation.suite refuses it too, after training).
+    if int(config.eval.eot_samples) < 2:
+      raise config_lib.ConfigError(f'model {config.model.name!r} draws noise at evaluation time and needs EOT: '
+                                   f'eval.eot_samples={int(config.eval.eot_samples)} must be >= 2 '
+                                   '(pass --config.eval.eot_samples=8)')
+    if int(config.eval.get('passes', evaluation.suite.MIN_PASSES)) < evaluation.suite.MIN_PASSES:
+      raise config_lib.ConfigError(f'model {config.model.name!r} is stochastic: its accuracy is a mean over '
+                                   f'eval.passes >= {evaluation.suite.MIN_PASSES} passes, got '
+                                   f'{int(config.eval.passes)} (pass --config.eval.passes=5)')
 
 
 def _build(config: ml_collections.ConfigDict, num_classes: int):

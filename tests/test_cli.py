@@ -48,6 +48,8 @@ def test_list_prints_one_line_per_experiment():
     (['--experiment=isometric_mnist', '--config.train.epochs'], 'needs a value'),
     (['--experiment=isometric_mnist', '--config.method.name=magic', '--smoke'], "unknown method 'magic'"),
     (['--experiment=isometric_mnist', '--config.dataset=imagenet', '--smoke'], "unknown dataset 'imagenet'"),
+    (['--experiment=stochastic_mnist', '--config.eval.eot_samples=1', '--smoke'], 'needs EOT'),
+    (['--experiment=stochastic_spoken_digit', '--config.eval.passes=2', '--smoke'], 'eval.passes >= 5'),
     ([], 'pass --experiment=NAME'),
     (['--evaluate=/nonexistent/run'], 'no trained run'),
 ])
