@@ -329,6 +329,20 @@ def test_frozen_noise_check_flags_robustness_that_is_only_randomness(honest):
   assert honest_res['sanity']['frozen_noise_attack']['passed'], honest_res['sanity']['frozen_noise_attack']
 
 
+def test_frozen_noise_verdicts_use_the_draw_the_attack_used(honest):
+  params, x, y = honest
+  loud = lambda p, xx, rng: _mlp(p, xx) + 3.0 * jax.random.normal(rng, (xx.shape[0], C))
+  ev = _ev(eot_samples=2, attacks=('pgd',), pgd_restarts=1, eps=(0.1,), sanity=False)
+  runner = suite._Runner(evaluation.Evaluator(), loud, params, x, y, ev, parallel.make_mesh(1), 2, True, passes=5)
+  key = jax.random.key(7)
+  recipe = recipes.resolve(ev, 2)[-1]
+  v, x_adv = runner.verdicts(recipe, 0.1, model_key=key, with_inputs=True)
+  # Each example alone with the frozen key: the call the attack made.
+  alone = np.array([int(jnp.argmax(loud(params, jnp.asarray(xa)[None], key)[0])) for xa in x_adv])
+  np.testing.assert_array_equal(v.mask, alone == np.asarray(y))
+  assert v.passes is None     # frozen: one deterministic pass
+
+
 def test_pass_statistics_and_the_stochastic_worst_case():
   # 4 examples x 5 passes; cell b gets example 0 right less often than cell a.
   a = suite.Verdicts(np.array([True, True, False, True]),

@@ -53,9 +53,14 @@ def attack_key(seed: int, name: str, eps: float) -> jax.Array:
 def _scores(apply_fn: ApplyFn, params, x, keys, eot: int, stochastic: bool, model_key):
   """What the verdicts take the argmax of, [B, C]: the logits; for a stochastic
   model (no ``model_key``), the mean probabilities over ``eot`` draws per
-  example, drawn from ``split(keys[i], eot)``."""
-  if model_key is not None or not stochastic:
+  example, drawn from ``split(keys[i], eot)``. With ``model_key`` (frozen
+  noise) a stochastic model is called per example with that key, exactly as
+  the attack called it: a batched call would draw each example's noise at
+  its position in the batch, another draw than the one attacked."""
+  if not stochastic:
     return apply_fn(params, x, model_key)
+  if model_key is not None:
+    return jax.vmap(lambda xi: apply_fn(params, xi[None], model_key)[0])(x)
 
   def one(xi, ki):
     return jax.vmap(lambda k: jax.nn.softmax(apply_fn(params, xi[None], k)[0]))(jax.random.split(ki, eot)).mean(0)
