@@ -325,8 +325,7 @@ def test_frozen_noise_check_flags_robustness_that_is_only_randomness(honest):
   res = _run(_tiny_signal, params, x, y, ev, stochastic=True)
   check = res['sanity']['frozen_noise_attack']
   assert not check['passed'] and 'barely depends on the input' in check['detail'], check
-  honest_res = _run(_noisy, params, x, y, ev, stochastic=True)
-  assert honest_res['sanity']['frozen_noise_attack']['passed'], honest_res['sanity']['frozen_noise_attack']
+  # (The honest noisy model passes it: test_stochastic_models_get_eot_and_their_own_checks.)
 
 
 def test_frozen_noise_verdicts_use_the_draw_the_attack_used(honest):
