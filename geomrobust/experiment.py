@@ -447,6 +447,8 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
                             config_lib.to_json(ml_collections.ConfigDict(stored)) + '\n')
     write_results(run.workdir, cfg, res, _keep_analysis(old, res, probes))
     out[name] = res
+  if not family and _is_member(workdir):
+    refresh_family_table(workdir.parent, log=log)
   if family:
     top['table'] = report.summary_table(out)
     info = top.get('member_sweep')
@@ -457,6 +459,35 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
     runio.write_json(top_path, top)
     report.write_experiment_report(workdir, top_config, top, out)
   return out
+
+
+def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:
+  """Rebuilds a finished family's summary table (top ``results.json``) and
+  ``report.md`` from its members' ``results.json``, e.g. after one member was
+  re-evaluated on its own (``--evaluate=WORKDIR/member`` does this itself).
+  Returns False, with a line saying why, when the family's folder is busy
+  (its run still writes it) or not a finished family."""
+  workdir = pathlib.Path(workdir)
+  top_path = workdir / 'results.json'
+  if not top_path.exists():
+    log(f'{workdir}: no finished family there (no results.json); its table is written when its run ends')
+    return False
+  top = runio.read_json(top_path)
+  names = [r.get('name') for r in top.get('runs', [])]
+  if top.get('sweep') or not names:
+    return False
+  try:
+    with lock.writer(workdir, log=log):
+      members = {n: runio.read_json(workdir / n / 'results.json') for n in names}
+      top['table'] = report.summary_table(members)
+      runio.write_json(top_path, top)
+      report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
+                                     top, members)
+  except lock.RunFolderBusy as e:
+    log(f'not refreshing the family table: {e}')
+    return False
+  log(f'refreshed {top_path} and {workdir / "report.md"} from the members\' results')
+  return True
 
 
 def _keep_analysis(old: dict, res: dict, probes: list) -> list:

@@ -163,3 +163,15 @@ def test_evaluate_reuses_the_trained_run(trained_family, shared_data_dir):
   assert {r['attack'] for r in res['robustness']} == {'pgd', 'fgsm', 'noise', 'worst_case'}
   proc = launch(f'--evaluate={tmp_path}', '--config.train.lr=1')
   assert 'only takes --config.eval' in _error_line(proc)
+
+
+def test_evaluating_one_member_refreshes_its_family_table(trained_family, shared_data_dir):
+  _, tmp_path = trained_family
+  experiment.evaluate_workdir(tmp_path / 'ce', [('eval.eps', '0.2'), ('eval.attacks', 'pgd'), ('eval.sanity', 'false')],
+                              shared_data_dir, log=lambda s: None)
+  top = json.loads((tmp_path / 'results.json').read_text())
+  row = next(r for r in top['table'] if r['name'] == 'ce')
+  assert set(row['robust']) == {'0.2'}                     # the member's new grid, in the family's table
+  other = next(r for r in top['table'] if r['name'] == 'beta_1e-3')
+  assert set(other['robust']) != {'0.2'}                   # the other member as it was
+  assert '| ce |' in (tmp_path / 'report.md').read_text()
