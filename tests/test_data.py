@@ -330,8 +330,8 @@ def test_folder_of_another_dataset_is_not_used(tmp_path):
 def test_unknown_name():
   with pytest.raises(data.DataError) as info:
     data.load_dataset("foo")
-  assert str(info.value) == "unknown dataset 'foo'; available: cifar10, fashion_mnist, mnist"
-  assert data.available_datasets() == ["cifar10", "fashion_mnist", "mnist"]
+  assert str(info.value) == "unknown dataset 'foo'; available: cifar10, fashion_mnist, mnist, spoken_digit"
+  assert data.available_datasets() == ["cifar10", "fashion_mnist", "mnist", "spoken_digit"]
 
 
 def test_cache_read_only_and_refresh(tmp_path):
