@@ -128,8 +128,9 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
   assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
   # Every kind of run (single, family member, member of a vmapped sweep) loads back as a classifier.
   run = geomrobust.load_run(tmp_path, members[-1]) if members[-1] else geomrobust.load_run(tmp_path)
-  shape = (1, 32, 32, 3) if dataset == 'cifar10' else (1, 28, 28, 1)
-  out = run.logits(jnp.full(shape, 0.5, jnp.float32))
+  from geomrobust import data
+  x = jnp.full((1,) + tuple(data.get_spec(dataset).image_shape), 0.25, jnp.float32)
+  out = run.logits(x, jax.random.key(0)) if run.stochastic else run.logits(x)   # a stochastic model needs a key
   assert out.shape == (1, 10) and bool(jnp.all(jnp.isfinite(out)))
 
 
