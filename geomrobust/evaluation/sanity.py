@@ -327,7 +327,7 @@ def stochastic_checks(runner, pgd, rows: list[dict], eps: float, large: float) -
   """``frozen_noise_attack`` and ``eot_doubled`` (evaluation.md check 6; see the module doc)."""
   import jax
   from geomrobust.evaluation import suite
-  n, tol, tol0 = runner.n, tolerance(runner.n), zero_tolerance(runner.n)
+  tol, tol0 = tolerance(runner.n), zero_tolerance(runner.n)
   ref = _row(rows, 'pgd', eps)
   if ref is None:
     ref = suite.accuracy_stats(runner.verdicts(pgd, eps))
