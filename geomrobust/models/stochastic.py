@@ -234,9 +234,11 @@ class FirstBlock(nn.Module):
     return NoiseLayer(self.noise, self.noise_scale, self.frozen, name='noise')(h)
 
 
-# Config fields of the first block shared by both networks (see FirstBlock).
-_FIRST_FIELDS = ('front_end', 'noise', 'noise_scale', 'front_channels', 'front_kernel', 'front_stride', 'k_exc',
-                 'gabor_seed', 'sf_min', 'sf_max', 'frozen_noise')
+def _first_block(m: nn.Module, x: jax.Array) -> jax.Array:
+  """Network ``m``'s first block (its ``front_*`` / noise fields) applied to ``x``, as
+  submodule ``first``: the noisy pre-ReLU output. Shared by both networks."""
+  return FirstBlock(m.front_end, m.noise, m.noise_scale, m.front_channels, m.front_kernel, m.front_stride, m.k_exc,
+                    m.gabor_seed, m.sf_min, m.sf_max, m.frozen_noise, m.weight_init, name='first')(x)
 
 
 class StochasticCNN(nn.Module):
@@ -279,9 +281,7 @@ class StochasticCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     kinit = common.kernel_init(self.weight_init)
-    pre = FirstBlock(self.front_end, self.noise, self.noise_scale, self.front_channels, self.front_kernel,
-                     self.front_stride, self.k_exc, self.gabor_seed, self.sf_min, self.sf_max, self.frozen_noise,
-                     self.weight_init, name='first')(x)
+    pre = _first_block(self, x)
     reps = [pre]
     h = nn.max_pool(nn.relu(pre), (2, 2), strides=(2, 2))
     for b, ch in enumerate(self.channels):
@@ -330,9 +330,7 @@ class VOneResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    pre = FirstBlock(self.front_end, self.noise, self.noise_scale, self.front_channels, self.front_kernel,
-                     self.front_stride, self.k_exc, self.gabor_seed, self.sf_min, self.sf_max, self.frozen_noise,
-                     self.weight_init, name='first')(x)
+    pre = _first_block(self, x)
     h = Conv(self.width, (1, 1), padding='VALID', use_bias=False, kernel_init=common.kernel_init(self.weight_init),
              name='bottleneck')(nn.relu(pre))
     logits, reps = resnet.ResNet(width=self.width, num_classes=self.num_classes, preact=self.preact,
