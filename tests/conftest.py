@@ -3,13 +3,44 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+# One JAX compilation cache for the whole session: the CLI tests launch many
+# processes that compile the same programs (the MNIST CNN's train step and
+# attacks), and XLA compilation, not running, is most of a smoke run on a CPU.
+# Tracing and every code path still run; only identical XLA programs are
+# reused. Set in the controller before xdist starts its workers, so workers
+# and the processes they launch inherit it; a user's own cache dir wins.
+_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  global _OWN_CACHE
+  if not os.environ.get(_CACHE_ENV):
+    _OWN_CACHE = tempfile.mkdtemp(prefix='geomrobust-test-xla-cache-')
+    os.environ[_CACHE_ENV] = _OWN_CACHE
+  # Cache every program, however quick to compile: hundreds of small ones add up.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+  import jax   # may be imported already (plugins): set the options, not only the environment
+  jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, 'workerinput'):   # the controller made it, the controller removes it
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
