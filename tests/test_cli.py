@@ -123,6 +123,15 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
     assert 0.0 <= res['clean_accuracy'] <= 1.0
     for row in res['robustness']:
       assert set(row) >= {'attack', 'norm', 'eps', 'steps', 'restarts', 'eot', 'accuracy'}
+  sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
+  if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json
+    field = sweep.hparam.split('.')[-1]
+    rows = top[sweep.name]
+    assert sorted((r[field], r['seed']) for r in rows) == sorted(
+        (float(v), s) for v in sweep.grid for s in range(sweep.seeds))
+    for row in rows:
+      assert set(row) >= {field, 'seed', 'clean_accuracy', 'robust_accuracy', 'eps'}
+      assert 0.0 <= row['robust_accuracy'] <= 1.0 and row['eps'] == sweep.pgd_eps
   # Rerunning the finished experiment trains nothing and keeps the results.
   again = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
   assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
