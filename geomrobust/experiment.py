@@ -573,7 +573,8 @@ def analyze_workdir(workdir: str | pathlib.Path, overrides: list[tuple[str, str]
   attack. Writes, per member, ``geometry.json`` and ``geometry.png``, the
   result under ``results.json['geometry']['manifold_geometry']`` (with its
   summary numbers in ``results['summary']``) and report.md; a family's top
-  results.json table and report.md are rewritten too. Returns ``{member: out}``
+  results.json table and report.md are rewritten too (also when one member of
+  it is analysed: ``WORKDIR/member``). Returns ``{member: out}``
   (member ``''`` for a single run).
   """
   workdir = pathlib.Path(workdir)
@@ -635,6 +636,8 @@ def _analyze_locked(workdir: pathlib.Path, overrides, data_dir, *, log) -> dict:
         f'{run.workdir / "report.md"} ({time.perf_counter() - t0:.0f} s)')
     out[name] = result
     member_results[name] = results
+  if single and _is_member(workdir):
+    refresh_family_table(workdir.parent, log=log)   # the family's table and report carry the new numbers
   if top is not None and not top.get('sweep') and [r.get('name') for r in top.get('runs', [])] == names:
     # A family: its summary table carries the probes' numbers of every member.
     top['table'] = report.summary_table(member_results)

@@ -145,3 +145,28 @@ def test_analyze_errors_are_one_line_with_the_fix(trained, tmp_path):
                         ('--config.eval.eps=0.1', 'only takes --config.geometry.* overrides')):
     assert message in _error_line(launch(f'--analyze={trained}', flag))
   assert not (trained / 'run.lock').exists()
+
+
+def test_analysing_one_member_refreshes_its_family_report(analyzed, shared_data_dir, tmp_path):
+  # A family of two copies of the analysed run; then one member analysed again, at another eps.
+  proc, src, _ = analyzed
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  for member in ('a', 'b'):
+    shutil.copytree(src, tmp_path / member)
+  runio.write_json(tmp_path / 'config.json', runio.read_json(src / 'config.json'))
+  runio.write_json(tmp_path / 'results.json', dict(experiment='standard_mnist', runs=[{'name': 'a'}, {'name': 'b'}],
+                                                   table=[]))
+  experiment.analyze_workdir(tmp_path / 'a', [('geometry.eps', '0,0.1'), ('geometry.kinds', 'class')],
+                             shared_data_dir, log=lambda s: None)
+  top = runio.read_json(tmp_path / 'results.json')
+  assert [r['name'] for r in top['table']] == ['a', 'b']
+  assert 'class_capacity_logits_eps0.1' in top['table'][0]['summary']
+  assert 'class_capacity_logits_eps0.2' in top['table'][1]['summary']
+  report = (tmp_path / 'report.md').read_text()
+  section = report.split('## Manifold geometry (MFTMA) of the members')[1]
+  assert '| model | eps | pixels | layer1 | layer2 | layer3 | logits |' in section
+  for row in ('| a | 0.1 |', '| b | 0.2 |', '| b | 0 | – | – |'):   # b's exemplars at eps 0: points, skipped
+    assert row in section, row
+  a_class = runio.read_json(tmp_path / 'a' / 'geometry.json')['runs'][1]['layers']['logits']
+  assert '| a | 0.1 | ' in section and f'{a_class["capacity"]:.3g} / {a_class["radius"]:.3g}' in section
+  assert (tmp_path / 'geometry_comparison.png').stat().st_size > 10_000

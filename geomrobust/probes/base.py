@@ -103,6 +103,14 @@ class Probe:
     del out
     return {}
 
+  @classmethod
+  def family_report(cls, outs: dict[str, dict], workdir: pathlib.Path) -> list[str]:
+    """Markdown lines comparing the members of a family in its report.md
+    (``outs``: member name -> this probe's output; may write plots into
+    ``workdir``). Default: nothing beyond the summary table's numbers."""
+    del outs, workdir
+    return []
+
   def report(self, out: dict, workdir: pathlib.Path) -> list[str]:
     """Markdown lines for the member's report.md (may write plots into ``workdir``)."""
     del workdir

@@ -78,6 +78,7 @@ PER_MANIFOLD = ('capacity_all', 'radius_all', 'dimension_all')
 PLOTTED = ('capacity', 'radius', 'dimension', 'center_correlation')
 JSON_FILE = 'geometry.json'
 PLOT_FILE = 'geometry.png'
+COMPARISON_PLOT = 'geometry_comparison.png'   # a family's members side by side
 
 
 def resolve_options(*layers: Mapping) -> dict:
@@ -290,6 +291,79 @@ class ManifoldGeometry(base.Probe):
           lines.append(f'| {run["eps"]:g} | {name}{flat} | ' + ' | '.join(cells) + f' | {acc} |')
       lines.append('')
     return lines
+
+
+  @classmethod
+  def family_report(cls, outs: dict[str, dict], workdir: pathlib.Path) -> list[str]:
+    """The members side by side: per kind, one row per (member, eps), one
+    column per layer position (capacity / radius / dimension / center
+    correlation), and ``geometry_comparison.png``. Layers are matched by
+    position (networks of one family share their depth; a column names every
+    member's layer there, e.g. ``front/noise``)."""
+    outs = {name: out for name, out in outs.items() if out and out.get('runs')}
+    if len(outs) < 2:
+      return []   # one analysed member: its own report has everything
+    columns = _layer_columns(outs)
+    plot_comparison(pathlib.Path(workdir) / COMPARISON_PLOT, outs, columns)
+    lines = ['## Manifold geometry (MFTMA) of the members', '',
+             'Each cell: capacity / radius / dimension / center correlation (mean over projections; the members\' '
+             'report.md have the std, K and the participation ratio). Layers matched by position. '
+             '"–": skipped (e.g. exemplar manifolds at eps 0 of a deterministic network are points).', '',
+             f'![geometry of the members]({COMPARISON_PLOT})', '']
+    kinds = list(dict.fromkeys(r['kind'] for out in outs.values() for r in out['runs']))
+    for kind in kinds:
+      lines += [f'### {kind.capitalize()} manifolds', '', '| model | eps | ' + ' | '.join(columns) + ' |',
+                '|---|---|' + '---|' * len(columns)]
+      for name, out in outs.items():
+        layer_names = [l['name'] for l in out['layers']]
+        for run in (r for r in out['runs'] if r['kind'] == kind):
+          cells = []
+          for layer in layer_names:
+            v = run.get('layers', {}).get(layer, {})
+            cells.append('–' if 'capacity' not in v else ' / '.join(
+                f'{float(v[m]):.3g}' for m in PLOTTED))
+          lines.append(f'| {name} | {run["eps"]:g} | ' + ' | '.join(cells) + ' |')
+      lines.append('')
+    return lines
+
+
+def _layer_columns(outs: dict[str, dict]) -> list[str]:
+  """Column names by layer position: the distinct names members give it."""
+  depth = max(len(out['layers']) for out in outs.values())
+  return ['/'.join(dict.fromkeys(out['layers'][i]['name'] for out in outs.values() if i < len(out['layers'])))
+          for i in range(depth)]
+
+
+def plot_comparison(path: pathlib.Path, outs: dict[str, dict], columns: list[str]) -> None:
+  """Rows: manifold kinds; columns: capacity, radius, dimension, center
+  correlation vs layer position; colour: member; line style: eps."""
+  from geomrobust.runio import report
+  plt = report._plt()
+  kinds = list(dict.fromkeys(r['kind'] for out in outs.values() for r in out['runs']))
+  eps_all = sorted({r['eps'] for out in outs.values() for r in out['runs']})
+  styles = dict(zip(eps_all, ['-', '--', ':', '-.'] * len(eps_all)))
+  colours = dict(zip(outs, plt.cm.tab10(np.arange(len(outs)) % 10)))
+  fig, axes = plt.subplots(len(kinds), len(PLOTTED), figsize=(3.4 * len(PLOTTED), 2.9 * len(kinds)), dpi=110,
+                           squeeze=False)
+  for row, kind in zip(axes, kinds):
+    for ax, metric in zip(row, PLOTTED):
+      for name, out in outs.items():
+        layer_names = [l['name'] for l in out['layers']]
+        for run in (r for r in out['runs'] if r['kind'] == kind):
+          vals = [float(run.get('layers', {}).get(n, {}).get(metric, np.nan)) for n in layer_names]
+          if not np.all(np.isnan(vals)):
+            ax.plot(range(len(vals)), vals, styles[run['eps']], marker='o', ms=3, lw=1.2, color=colours[name],
+                    label=f'{name}, eps={run["eps"]:g}')
+      ax.set_title(f'{kind}: {metric.replace("_", " ")}', fontsize=9)
+      ax.set_xticks(range(len(columns)))
+      ax.set_xticklabels(columns, rotation=45, ha='right', fontsize=7)
+      ax.grid(alpha=0.3)
+    if row[0].get_legend_handles_labels()[0]:
+      row[0].legend(fontsize=6)
+  fig.suptitle('manifold geometry (MFTMA) per layer: colour = model, line style = eps', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def _pm(v: dict, m: str) -> str:

@@ -278,6 +278,19 @@ def _member_sweep_lines(workdir: pathlib.Path, top: dict) -> list[str]:
   return lines + ['', f'![tradeoff]({plot})', '']
 
 
+def _probe_family_lines(workdir: pathlib.Path, member_results: dict[str, dict]) -> list[str]:
+  """Each probe's comparison of the members (``Probe.family_report``), for
+  every probe some member's results carry (its name is its module)."""
+  from geomrobust import probes   # here, not at the top: probes draw with this module
+  lines = []
+  for section in ('geometry', 'probes'):
+    names = list(dict.fromkeys(n for res in member_results.values() for n in res.get(section) or {}))
+    for name in (n for n in names if n in probes.available_probes()):
+      outs = {member: res[section][name] for member, res in member_results.items() if name in (res.get(section) or {})}
+      lines += probes.get_probe_class(name).family_report(outs, workdir)
+  return lines
+
+
 def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
   """report.md + accuracy_vs_eps.png with one curve per member."""
   workdir = pathlib.Path(workdir)
@@ -335,5 +348,6 @@ def write_experiment_report(workdir: pathlib.Path, config, top: dict, member_res
     for r in table:
       lines.append(f'| {r["name"]} | ' + ' | '.join(format_number(k, r['summary'].get(k)) for k in keys) + ' |')
     lines.append('')
+  lines += _probe_family_lines(workdir, member_results)
   lines += ['## Members', ''] + [f'- [{r["name"]}]({r["name"]}/report.md)' for r in top['runs']]
   runio.atomic_write_text(workdir / 'report.md', '\n'.join(lines) + '\n')
