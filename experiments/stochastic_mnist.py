@@ -25,13 +25,18 @@ seeds, trained as one vmapped program, each screened by the `quick` profile
 report's tradeoff plot give clean vs robust accuracy per noise level.
 
 Geometry (class and exemplar manifolds, per layer incl. the noise layer's
-pre-ReLU output, clean vs adversarial): `python launch.py
---analyze=<workdir>` after training.
+pre-ReLU output, clean vs adversarial), per member after training; the
+family's report.md then compares the members (`geometry_comparison.png`):
+  python launch.py --analyze=<workdir>/vone --data_dir=../shared/data \
+      --config.geometry.eps=0,0.1 --config.geometry.projection_seeds=2
+(likewise standard, pgd_at, conv_noise; 3-14 min each on 2 cores; the
+default 5 eps x 5 projections costs about 5x that).
 
 COMMAND:
   python launch.py --experiment=stochastic_mnist --data_dir=../shared/data
 
-RUNTIME: not yet measured on the full default budget.
+RUNTIME: 82 min wall on a 2-core CPU shared with other jobs (all four
+networks, the sweep and every evaluation).
 
 EXPECTED (paper): noise raises robust accuracy well above the standard
 network's at small eps and costs some clean accuracy (more noise: more of

@@ -20,13 +20,17 @@ steps), FGSM and noise, per-example worst case, on the first 100 test
 recordings (10 per digit); the stochastic network with EOT (8 draws) over 5
 passes, and its sanity checks.
 
-Geometry: `python launch.py --analyze=<workdir> --config.geometry.eps=0,0.0005,0.0016,0.005`
-(the MNIST default grid is far too large for waveforms).
+Geometry, per member (the MNIST default eps grid is far too large for
+waveforms; the family's report.md then compares the members):
+  python launch.py --analyze=<workdir>/stochastic --data_dir=../shared/data \
+      --config.geometry.eps=0,0.0016 --config.geometry.projection_seeds=2
 
 COMMAND:
   python launch.py --experiment=stochastic_spoken_digit --data_dir=../shared/data
 
-RUNTIME: not yet measured at the default budget.
+RUNTIME: about 100 min on a 2-core CPU shared with other jobs (the members'
+timings: PGD-AT training 37 min, the stochastic network's EOT evaluation
+54 min, 39 of them its sanity checks; the standard network 5 min).
 
 EXPECTED (paper): the same pattern as in vision: the stochastic network is
 more robust than the standard one at small eps, at some cost in clean accuracy.
