@@ -30,9 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomrobust import config as config_lib
-from geomrobust.models import common
 from geomrobust.models import stochastic
-from geomrobust.models.conv import Conv
 
 
 def hz_to_mel(f):
@@ -121,19 +119,7 @@ class AudioCNN(nn.Module):
                     fmin=self.fmin, fmax=self.fmax, ref_power=self.ref_power)
     pre = stochastic.NoiseLayer(self.noise, self.noise_scale, self.frozen_noise, name='noise')(
         self.gain * feats[..., None])
-    reps = [pre]
-    h = nn.relu(pre)
-    kinit = common.kernel_init(self.weight_init)
-    for b, ch in enumerate(self.channels):
-      h = nn.relu(Conv(ch, (self.kernel_size, self.kernel_size), padding='SAME', kernel_init=kinit,
-                       name=f'conv_{b}')(h))
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
-      reps.append(h)
-    h = h.reshape((h.shape[0], -1))
-    for k, width in enumerate(self.dense):
-      h = nn.relu(common.dense(width, self.weight_init, True, name=f'hidden_{k}')(h))
-      reps.append(h)
-    return common.dense(self.num_classes, self.weight_init, True, name='out')(h), tuple(reps)
+    return stochastic.conv_dense_head(self, nn.relu(pre), [pre])
 
 
 BOUNDS = {

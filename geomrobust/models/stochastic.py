@@ -241,6 +241,26 @@ def _first_block(m: nn.Module, x: jax.Array) -> jax.Array:
                     m.gabor_seed, m.sf_min, m.sf_max, m.frozen_noise, m.weight_init, name='first')(x)
 
 
+def conv_dense_head(m: nn.Module, h: jax.Array, reps: list, first_conv: int = 0) -> tuple:
+  """The back end shared by the stochastic and auditory CNNs, built inside
+  ``m``'s compact call from its fields ``channels``, ``kernel_size``,
+  ``dense``, ``num_classes`` and ``weight_init``: conv blocks (conv, ReLU,
+  2x2 max-pool; submodules ``conv_{first_conv}``..), hidden dense layers
+  (``hidden_0``..) and the output layer ``out``. Appends each block's and
+  hidden layer's output to ``reps``; returns ``(logits, tuple(reps))``."""
+  kinit = common.kernel_init(m.weight_init)
+  for b, ch in enumerate(m.channels):
+    h = nn.relu(Conv(ch, (m.kernel_size, m.kernel_size), padding='SAME', kernel_init=kinit,
+                     name=f'conv_{b + first_conv}')(h))
+    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    reps.append(h)
+  h = h.reshape((h.shape[0], -1))
+  for k, width in enumerate(m.dense):
+    h = nn.relu(common.dense(width, m.weight_init, True, name=f'hidden_{k}')(h))
+    reps.append(h)
+  return common.dense(m.num_classes, m.weight_init, True, name='out')(h), tuple(reps)
+
+
 class StochasticCNN(nn.Module):
   """First block (VOne or conv, noise, ReLU, 2x2 max-pool), conv blocks, dense layers.
 
@@ -280,20 +300,8 @@ class StochasticCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
-    kinit = common.kernel_init(self.weight_init)
     pre = _first_block(self, x)
-    reps = [pre]
-    h = nn.max_pool(nn.relu(pre), (2, 2), strides=(2, 2))
-    for b, ch in enumerate(self.channels):
-      h = nn.relu(Conv(ch, (self.kernel_size, self.kernel_size), padding='SAME', kernel_init=kinit,
-                       name=f'conv_{b + 1}')(h))
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
-      reps.append(h)
-    h = h.reshape((h.shape[0], -1))
-    for k, width in enumerate(self.dense):
-      h = nn.relu(common.dense(width, self.weight_init, True, name=f'hidden_{k}')(h))
-      reps.append(h)
-    return common.dense(self.num_classes, self.weight_init, True, name='out')(h), tuple(reps)
+    return conv_dense_head(self, nn.max_pool(nn.relu(pre), (2, 2), strides=(2, 2)), [pre], first_conv=1)
 
 
 class VOneResNet(nn.Module):
