@@ -334,6 +334,13 @@ def _layer_columns(outs: dict[str, dict]) -> list[str]:
           for i in range(depth)]
 
 
+def _layer_axis(ax, kind: str, metric: str, layers: list[str]) -> None:
+  ax.set_title(f'{kind}: {metric.replace("_", " ")}', fontsize=9)
+  ax.set_xticks(range(len(layers)))
+  ax.set_xticklabels(layers, rotation=45, ha='right', fontsize=7)
+  ax.grid(alpha=0.3)
+
+
 def plot_comparison(path: pathlib.Path, outs: dict[str, dict], columns: list[str]) -> None:
   """Rows: manifold kinds; columns: capacity, radius, dimension, center
   correlation vs layer position; colour: member; line style: eps."""
@@ -354,10 +361,7 @@ def plot_comparison(path: pathlib.Path, outs: dict[str, dict], columns: list[str
           if not np.all(np.isnan(vals)):
             ax.plot(range(len(vals)), vals, styles[run['eps']], marker='o', ms=3, lw=1.2, color=colours[name],
                     label=f'{name}, eps={run["eps"]:g}')
-      ax.set_title(f'{kind}: {metric.replace("_", " ")}', fontsize=9)
-      ax.set_xticks(range(len(columns)))
-      ax.set_xticklabels(columns, rotation=45, ha='right', fontsize=7)
-      ax.grid(alpha=0.3)
+      _layer_axis(ax, kind, metric, columns)
     if row[0].get_legend_handles_labels()[0]:
       row[0].legend(fontsize=6)
   fig.suptitle('manifold geometry (MFTMA) per layer: colour = model, line style = eps', fontsize=10)
@@ -394,10 +398,7 @@ def plot_geometry(path: pathlib.Path, out: dict, title: str = '') -> None:
           continue
         ax.errorbar(range(len(names)), vals, yerr=errs, marker='o', ms=3, lw=1.2, capsize=2,
                     color=colours[run['eps']], label=f'eps={run["eps"]:g}')
-      ax.set_title(f'{kind}: {metric.replace("_", " ")}', fontsize=9)
-      ax.set_xticks(range(len(names)))
-      ax.set_xticklabels(names, rotation=45, ha='right', fontsize=7)
-      ax.grid(alpha=0.3)
+      _layer_axis(ax, kind, metric, names)
     if row[0].get_legend_handles_labels()[0]:
       row[0].legend(fontsize=7)
   if title:
