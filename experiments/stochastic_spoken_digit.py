@@ -23,7 +23,8 @@ passes, and its sanity checks.
 Geometry, per member (the MNIST default eps grid is far too large for
 waveforms; the family's report.md then compares the members):
   python launch.py --analyze=<workdir>/stochastic --data_dir=../shared/data \
-      --config.geometry.eps=0,0.0016 --config.geometry.projection_seeds=2
+      --config.geometry.eps=0,0.0016 --config.geometry.projection_seeds=2 \
+      --config.geometry.per_class=30    # the test split has 30 recordings per digit
 
 COMMAND:
   python launch.py --experiment=stochastic_spoken_digit --data_dir=../shared/data
