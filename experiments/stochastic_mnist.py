@@ -93,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   })
   # Smoke: the stochastic member and its noise sweep (PGD-AT's path runs in
   # madry_mnist's and stochastic_spoken_digit's smokes).
-  c.smoke = ('only=vone', 'model.front_channels=8', 'model.channels=8', 'model.dense=32', 'sweep.grid=0,1', 'sweep.seeds=1',
-             'sweep.screen_examples=32', 'sweep.mean_last_epochs=1', 'eval.eps=0.1', 'eval.attacks=pgd')
+  c.smoke = ('only=vone', 'model.front_channels=8', 'model.channels=8', 'model.dense=32', 'sweep.grid=0,1',
+             'sweep.seeds=1', 'sweep.screen_examples=32', 'sweep.mean_last_epochs=1', 'eval.eps=0.1',
+             'eval.attacks=pgd')
   return c

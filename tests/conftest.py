@@ -35,7 +35,8 @@ def pytest_configure(config):
   jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_ENV])
   jax.config.update('jax_persistent_cache_min_compile_time_secs',
                     float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes',
+                    int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
 
 
 def pytest_unconfigure(config):

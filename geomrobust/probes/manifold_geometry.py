@@ -292,7 +292,6 @@ class ManifoldGeometry(base.Probe):
       lines.append('')
     return lines
 
-
   @classmethod
   def family_report(cls, outs: dict[str, dict], workdir: pathlib.Path) -> list[str]:
     """The members side by side: per kind, one row per (member, eps), one
@@ -320,8 +319,7 @@ class ManifoldGeometry(base.Probe):
           cells = []
           for layer in layer_names:
             v = run.get('layers', {}).get(layer, {})
-            cells.append('–' if 'capacity' not in v else ' / '.join(
-                f'{float(v[m]):.3g}' for m in PLOTTED))
+            cells.append('–' if 'capacity' not in v else ' / '.join(f'{float(v[m]):.3g}' for m in PLOTTED))
           lines.append(f'| {name} | {run["eps"]:g} | ' + ' | '.join(cells) + ' |')
       lines.append('')
     return lines
