@@ -430,7 +430,6 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   top_path = workdir / 'results.json'
   family = names != ['']
   top = runio.read_json(top_path) if family and top_path.exists() else {}
-  top_config = ml_collections.ConfigDict(runio.read_json(cfg_path)) if family else None
   ctx = _Context(loaded[0][2], data_dir)
   for _, _, cfg, _, _ in loaded:
     ctx.data(cfg)
@@ -450,15 +449,22 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   if not family and _is_member(workdir):
     refresh_family_table(workdir.parent, log=log)
   if family:
-    top['table'] = report.summary_table(out)
     info = top.get('member_sweep')
     if info and (workdir / info['name'] / 'config.json').exists():
       # The member sweep is re-evaluated as the sweep it is (its screening and strong evaluations).
       top[info['name']] = tables.member_sweep_rows(evaluate_workdir(
           workdir / info['name'], eval_overrides, data_dir, log=lambda line: log(f'[{info["name"]}] {line}')))
-    runio.write_json(top_path, top)
-    report.write_experiment_report(workdir, top_config, top, out)
+    _write_family(workdir, top, out)
   return out
+
+
+def _write_family(workdir: pathlib.Path, top: dict, member_results: dict[str, dict]) -> None:
+  """A family's summary table from its members' results, into its top
+  ``results.json`` (``top`` with the new table) and ``report.md``."""
+  top['table'] = report.summary_table(member_results)
+  runio.write_json(workdir / 'results.json', top)
+  report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
+                                 top, member_results)
 
 
 def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:
@@ -478,11 +484,7 @@ def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:
     return False
   try:
     with lock.writer(workdir, log=log):
-      members = {n: runio.read_json(workdir / n / 'results.json') for n in names}
-      top['table'] = report.summary_table(members)
-      runio.write_json(top_path, top)
-      report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
-                                     top, members)
+      _write_family(workdir, top, {n: runio.read_json(workdir / n / 'results.json') for n in names})
   except lock.RunFolderBusy as e:
     log(f'not refreshing the family table: {e}')
     return False
@@ -639,9 +641,5 @@ def _analyze_locked(workdir: pathlib.Path, overrides, data_dir, *, log) -> dict:
   if single and _is_member(workdir):
     refresh_family_table(workdir.parent, log=log)   # the family's table and report carry the new numbers
   if top is not None and not top.get('sweep') and [r.get('name') for r in top.get('runs', [])] == names:
-    # A family: its summary table carries the probes' numbers of every member.
-    top['table'] = report.summary_table(member_results)
-    runio.write_json(top_path, top)
-    report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
-                                   top, member_results)
+    _write_family(workdir, top, member_results)   # its table carries the probes' numbers of every member
   return out
