@@ -7,6 +7,7 @@
   python launch.py --experiment=isometric_mnist --show_config    # every field, resolved
   python launch.py --experiment=madry_mnist --setting=full        # a named setting (paper-sized run)
   python launch.py --evaluate=WORKDIR --config.eval.pgd_steps=200  # re-evaluate (rewrites its results)
+  python launch.py --evaluate=WORKDIR --config.probes.latent={}    # ... and add the latent-space study
   python launch.py --analyze=WORKDIR --config.geometry.eps=0,0.1   # manifold geometry (MFTMA) of a finished run
   python launch.py --experiments_dir=my_experiments --experiment=mine  # your own experiment files
 
@@ -36,7 +37,8 @@ flags.DEFINE_string('setting', None, 'A named setting of the experiment (e.g. fu
 flags.DEFINE_bool('smoke', False, 'Shrink the experiment to a sub-minute CPU run through the whole path.')
 flags.DEFINE_bool('show_config', False, 'Print the resolved config (after overrides) and exit.')
 flags.DEFINE_string('evaluate', None, 'Re-evaluate the trained run(s) in this workdir with the current eval '
-                    'config (--config.eval.* overrides apply); no retraining.')
+                    'config (--config.eval.* overrides apply; --config.probes.NAME={} adds a probe, e.g. '
+                    'latent); no retraining.')
 flags.DEFINE_string('analyze', None, 'Manifold geometry (MFTMA capacity, radius, dimension, center correlation '
                     'per layer and eps; probes/manifold_geometry.py) of the finished run(s) in this workdir, or of '
                     'one member (WORKDIR/member); writes geometry.json, geometry.png and a report.md section. '
@@ -86,9 +88,10 @@ def main(argv):
       exp_lib.analyze_workdir(FLAGS.analyze, _OVERRIDES, FLAGS.data_dir)
       return
     if FLAGS.evaluate:
-      bad = [k for k, _ in _OVERRIDES if not k.startswith(('eval.', 'parallel.'))]
+      bad = [k for k, _ in _OVERRIDES if not k.startswith(('eval.', 'parallel.', 'probes.'))]
       if bad:
-        _fail(f'--evaluate only takes --config.eval.* / --config.parallel.* overrides, not {bad[0]!r}')
+        _fail(f'--evaluate only takes --config.eval.* / --config.parallel.* / --config.probes.* overrides, '
+              f'not {bad[0]!r}')
       exp_lib.evaluate_workdir(FLAGS.evaluate, _OVERRIDES, FLAGS.data_dir)
       return
     if not FLAGS.experiment:

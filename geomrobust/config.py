@@ -633,8 +633,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple
   goes first: a profile is a bundle of eval fields, and explicit fields win.
   Each is type- and range-checked (``where``: see :func:`apply_override`)."""
   config = copy.deepcopy(config)
-  def rechooses(key: str) -> bool:  # replaces an open section, or picks its name (dataset: data's)
-    return key in OPEN_SECTIONS or key == 'dataset' or (key.count('.') == 1 and key.endswith('.name'))
+  def rechooses(key: str) -> bool:  # replaces an open section, picks its name (dataset: data's) or adds a probe
+    return (key in OPEN_SECTIONS or key == 'dataset' or (key.count('.') == 1 and key.endswith('.name'))
+            or (key.count('.') == 1 and key.startswith('probes.')))
 
   # eval.profile first, then what re-chooses a section, then fields (a stable sort).
   overrides = sorted(overrides, key=lambda kv: 0 if kv[0] == 'eval.profile' else 1 if rechooses(kv[0]) else 2)

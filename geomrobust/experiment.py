@@ -399,7 +399,9 @@ def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str
   weights, the old results, the data) before the first attack runs, so a
   damaged file or a busy or read-only folder is reported at once. Rewrites
   each member's results.json, report.md, plots, and its config.json's
-  ``eval`` section (training fields are kept as stored).
+  ``eval``, ``parallel`` and ``probes`` sections (training fields are kept
+  as stored). ``--config.probes.NAME={...}`` adds a probe to the runs (e.g.
+  the latent-space study, ``probes/latent.py``).
   """
   workdir = pathlib.Path(workdir)
   cfg_path = workdir / 'config.json'
@@ -424,7 +426,8 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   for name in names:
     run = load_run(workdir, name or None)
     cfg = config_lib.apply_overrides(run.config, eval_overrides)
-    evaluation.recipes.resolve(cfg.eval)  # Bad eval settings fail before any work.
+    evaluation.recipes.resolve(cfg.eval)  # Bad eval settings and probe options fail before any work.
+    probes_lib.build_probes(cfg.get('probes'))
     stored = runio.read_json(run.workdir / 'config.json')
     loaded.append((name, run, cfg, stored, run.results or {}))
   top_path = workdir / 'results.json'
@@ -441,7 +444,8 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
                          probes=probes, log=log, tag=f'[{name}] ' if name else '')
     res['timing'] = dict(old.get('timing', {}), **res['timing'])
     # Only what --evaluate may change: a rerun of the training command still finds its own config.
-    stored = dict(stored, eval=cfg.eval.to_dict(), parallel=cfg.parallel.to_dict())
+    stored = dict(stored, eval=cfg.eval.to_dict(), parallel=cfg.parallel.to_dict(),
+                  probes=cfg.probes.to_dict() if cfg.get('probes') else {})
     runio.atomic_write_text(run.workdir / 'config.json',
                             config_lib.to_json(ml_collections.ConfigDict(stored)) + '\n')
     write_results(run.workdir, cfg, res, _keep_analysis(old, res, probes))

@@ -123,6 +123,13 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
     assert 0.0 <= res['clean_accuracy'] <= 1.0
     for row in res['robustness']:
       assert set(row) >= {'attack', 'norm', 'eps', 'steps', 'restarts', 'eot', 'accuracy'}
+    run_cfg = json.loads(((tmp_path / member) if member else tmp_path).joinpath('config.json').read_text())
+    if 'latent' in (run_cfg.get('probes') or {}):
+      assert {r['eps'] for r in res['geometry']['latent']['runs']} == {r['eps'] for r in res['robustness']}
+    if run_cfg['method']['name'] == 'ascl':   # the kept fractions, every epoch
+      epochs = [json.loads(l) for l in ((tmp_path / member) if member else tmp_path).joinpath(
+          'metrics.jsonl').read_text().splitlines()]
+      assert epochs and all(0 <= e['pos_fraction'] <= 1 and 0 <= e['neg_fraction'] <= 1 for e in epochs)
   sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
   if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json
     field = sweep.hparam.split('.')[-1]
@@ -173,6 +180,21 @@ def test_evaluate_reuses_the_trained_run(trained_family, shared_data_dir):
   assert {r['attack'] for r in res['robustness']} == {'pgd', 'fgsm', 'noise', 'worst_case'}
   proc = launch(f'--evaluate={tmp_path}', '--config.train.lr=1')
   assert 'only takes --config.eval' in _error_line(proc)
+
+
+def test_evaluate_adds_a_probe_to_a_finished_run(trained_family, shared_data_dir):
+  _, tmp_path = trained_family
+  proc = launch(f'--evaluate={tmp_path}/ce', '--config.probes.nonsense={}', f'--data_dir={shared_data_dir}')
+  assert "unknown probe 'nonsense'" in _error_line(proc)
+  assert 'latent' not in json.loads((tmp_path / 'ce' / 'results.json').read_text())['geometry']
+  experiment.evaluate_workdir(tmp_path / 'ce', [('eval.eps', '0.2'), ('eval.attacks', 'pgd'), ('eval.sanity', 'false'),
+                                                ('probes.latent', '{"eps": (0.2,)}')],
+                              shared_data_dir, log=lambda s: None)
+  res = json.loads((tmp_path / 'ce' / 'results.json').read_text())
+  assert [r['eps'] for r in res['geometry']['latent']['runs']] == [0.2]
+  # Stored with the run: the next re-evaluation measures it again.
+  assert json.loads((tmp_path / 'ce' / 'config.json').read_text())['probes']['latent'] == {'eps': [0.2]}
+  assert '## Latent space' in (tmp_path / 'ce' / 'report.md').read_text()
 
 
 def test_evaluating_one_member_refreshes_its_family_table(trained_family, shared_data_dir):

@@ -114,7 +114,9 @@ def study(z_clean: np.ndarray, z_adv: np.ndarray, labels: np.ndarray, pred_clean
       'examples': int(len(labels)), 'succeeded': int(succeeded.sum()), 'failed': int(failed.sum()),
       'clean_wrong': int((~ok).sum()),
       'distance': {'succeeded': _stats(dist[succeeded]), 'failed': _stats(dist[failed])},
-      'relative_distance': {'succeeded': _stats(dist[succeeded] / scale), 'failed': _stats(dist[failed] / scale)},
+      # Collapsed latents (every clean point the same) have no scale: no relative numbers.
+      'relative_distance': {k: _stats(dist[m] / scale if scale > 0 else np.zeros(0))
+                            for k, m in (('succeeded', succeeded), ('failed', failed))},
       'clean': clean_cd, 'adversarial': class_distances(z_adv, labels),
       'centroid': {'adv_nearest_is_predicted': frac(near_adv == pred_adv),
                    'succeeded_nearest_is_predicted': frac(near_adv[succeeded] == pred_adv[succeeded]),
