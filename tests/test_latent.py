@@ -97,3 +97,7 @@ def test_report_and_family_plot(tmp_path):
   assert (tmp_path / latent.COMPARISON_PLOT).stat().st_size > 1000
   assert sum(line.startswith(('| a |', '| b |')) for line in family) == 2
   assert latent.Latent.family_report({'a': out}, tmp_path) == []
+  bad = latent.Latent('latent', ml_collections.ConfigDict({'layer': 5}))
+  with pytest.raises(ValueError, match='probes.latent.layer=5: the model has 1 representations'):
+    pipeline.evaluate_model(method, params, data, cfg, parallel.make_mesh(1), evaluator=evaluation.Evaluator(),
+                            probes=[bad], log=lambda s: None)

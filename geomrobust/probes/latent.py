@@ -127,8 +127,7 @@ def study(z_clean: np.ndarray, z_adv: np.ndarray, labels: np.ndarray, pred_clean
 
 class Latent(base.Probe):
   kind = 'geometry'
-  BOUNDS = {'eps': config_lib.number(above=0, example=0.3), 'layer': config_lib.integer(example=-1),
-            'batch_size': config_lib.integer(1, example=500)}
+  BOUNDS = {'eps': config_lib.number(above=0, example=0.3), 'batch_size': config_lib.integer(1, example=500)}
 
   def _eps(self, config) -> list[float]:
     return sorted({float(e) for e in self.options.get('eps', None) or config.eval.eps})
@@ -145,6 +144,9 @@ class Latent(base.Probe):
       def chunk(p, key, xs):
         xx, idx = xs
         logits, reps = method.apply(p, xx, jax.random.fold_in(key, idx[0]))
+        if not -len(reps) <= layer < len(reps):
+          raise ValueError(f'probes.latent.layer={layer}: the model has {len(reps)} representations '
+                           f'(use -{len(reps)} .. {len(reps) - 1}; -1 is the penultimate layer)')
         return logits, reps[layer].reshape((xx.shape[0], -1))
       bs = int(self.options.get('batch_size', 500))
       return jax.jit(lambda p, key, xx: batching.map_batches(
