@@ -33,7 +33,8 @@ Budget                default (2-core CPU)                full (the papers' MNIS
 COMMAND:
   python launch.py --experiment=ascl_mnist --data_dir=../shared/data
 
-RUNTIME: about an hour on a 2-core CPU (README has the measured time).
+RUNTIME: 106 min wall measured on a 2-core CPU partly shared with the test suite;
+unshared, PGD-AT and TRADES took 18-19 min each, ASCL about 8 more (README).
 
 EXPECTED (paper): ASCL's robust accuracy at least PGD-AT's; the leaking
 selection keeps well under half of the positives (42.8% on CIFAR-10) and a
