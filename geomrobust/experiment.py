@@ -426,8 +426,7 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   for name in names:
     run = load_run(workdir, name or None)
     cfg = config_lib.apply_overrides(run.config, eval_overrides)
-    evaluation.recipes.resolve(cfg.eval)  # Bad eval settings and probe options fail before any work.
-    probes_lib.build_probes(cfg.get('probes'))
+    evaluation.recipes.resolve(cfg.eval)  # Bad eval settings fail before any work.
     stored = runio.read_json(run.workdir / 'config.json')
     loaded.append((name, run, cfg, stored, run.results or {}))
   top_path = workdir / 'results.json'
@@ -436,6 +435,7 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   ctx = _Context(loaded[0][2], data_dir)
   for _, _, cfg, _, _ in loaded:
     ctx.data(cfg)
+    ctx.probes(cfg)   # bad probe options too (built once, kept for the evaluation)
 
   out = {}
   for name, run, cfg, stored, old in loaded:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from geomrobust import evaluation, models, parallel, pipeline, probes
+from geomrobust.attacks import losses
 from geomrobust.data import testing
 from geomrobust.methods import build_method
 from geomrobust.probes import latent
@@ -43,7 +44,8 @@ def test_study_by_hand():
 
 def test_margins():
   logits = np.array([[2.0, 1.0, 0.5], [0.0, 3.0, 1.0]])
-  np.testing.assert_allclose(latent.margins(logits, np.array([0, 0])), [1.0, -3.0])
+  # The probe's margin (logit_y - max other; negative: misclassified) is the attacks' own, negated.
+  np.testing.assert_allclose(-np.asarray(losses.margin(jnp.asarray(logits), jnp.asarray([0, 0]))), [1.0, -3.0])
 
 
 def _trained_tiny():

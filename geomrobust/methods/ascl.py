@@ -100,17 +100,18 @@ def similarity(h: jax.Array, distance: str, tau) -> jax.Array:
   """
   if distance == 'cosine':
     return (h @ h.T) / tau
-  diff = h[:, None, :] - h[None, :, :]        # [N, N, d]
-  if distance == 'linf':
-    dist = jnp.max(jnp.abs(diff), axis=-1)
-  elif distance == 'l1':
-    dist = jnp.sum(jnp.abs(diff), axis=-1)
-  elif distance == 'l2':
-    sq = jnp.sum(diff * diff, axis=-1)
-    # sqrt has an infinite slope at 0 (the diagonal, duplicate rows): keep the gradient finite there.
-    dist = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
-  else:
+  if distance not in DISTANCES:
     raise ValueError(f'unknown method.distance {distance!r}; available: {", ".join(DISTANCES)}')
+  # Differences, not the Gram form: exact for near-duplicate rows (a clean row and its adversarial
+  # one), which float32 cancellation would put ~1e-3 apart; linf and l1 need them anyway.
+  diff = jnp.abs(h[:, None, :] - h[None, :, :])        # [N, N, d]
+  if distance == 'linf':
+    dist = jnp.max(diff, axis=-1)
+  elif distance == 'l1':
+    dist = jnp.sum(diff, axis=-1)
+  else:   # l2; sqrt has an infinite slope at 0 (the diagonal, duplicate rows): keep the gradient finite
+    sq = jnp.sum(diff * diff, axis=-1)
+    dist = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
   return -dist / tau
 
 

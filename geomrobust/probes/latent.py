@@ -47,6 +47,8 @@ import numpy as np
 
 from geomrobust import config as config_lib
 from geomrobust import evaluation
+from geomrobust.attacks import losses
+from geomrobust.geometry import distances
 from geomrobust.parallel import batching
 from geomrobust.probes import base
 
@@ -54,26 +56,14 @@ PLOT_FILE = 'latent.png'
 COMPARISON_PLOT = 'latent_comparison.png'
 
 
-def margins(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-  """``logit_y - max_{k != y} logit_k``: ``[N, C], [N] -> [N]`` (negative: misclassified)."""
-  logits = np.asarray(logits, np.float64)
-  idx = np.arange(len(labels))
-  own = logits[idx, labels]
-  other = logits.copy()
-  other[idx, labels] = -np.inf
-  return own - other.max(1)
-
-
-def pairwise(z: np.ndarray) -> np.ndarray:
-  """L2 distances ``[N, D] -> [N, N]`` (float64)."""
-  z = np.asarray(z, np.float64)
-  sq = np.sum(z * z, 1)
-  return np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0.0))
+def _dists(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+  """L2 distances ``[N, D] x [M, D] -> [N, M]`` (the project's Gram form)."""
+  return np.sqrt(np.asarray(distances.pairwise_sq_dists(jnp.asarray(a), None if b is None else jnp.asarray(b))))
 
 
 def class_distances(z: np.ndarray, labels: np.ndarray) -> dict:
   """Mean intra-class (same label, i != j) and inter-class pair distance and their ratio."""
-  d = pairwise(z)
+  d = _dists(z)
   same = labels[:, None] == labels[None, :]
   np.fill_diagonal(same, False)
   diff = labels[:, None] != labels[None, :]
@@ -84,8 +74,7 @@ def class_distances(z: np.ndarray, labels: np.ndarray) -> dict:
 
 def nearest_centroid(z: np.ndarray, centroids: np.ndarray, classes: np.ndarray) -> np.ndarray:
   """The class of the nearest centroid (L2) of each row: ``[N, D], [K, D], [K] -> [N]``."""
-  d = np.sum((np.asarray(z, np.float64)[:, None, :] - centroids[None]) ** 2, -1)
-  return classes[np.argmin(d, 1)]
+  return classes[np.argmin(_dists(z, centroids), 1)]
 
 
 def _stats(v: np.ndarray) -> dict:
@@ -169,7 +158,7 @@ class Latent(base.Probe):
       best_z = np.zeros_like(z_clean)
       for name in names:
         logits, z = self._forward(inp, inp.adversarial(name, eps))
-        m = margins(logits, y)
+        m = -np.asarray(losses.margin(jnp.asarray(logits), jnp.asarray(y)))   # logit_y - max other
         better = m < best_m
         best_m[better], best_logits[better], best_z[better] = m[better], logits[better], z[better]
       out['runs'].append({'eps': eps, **study(z_clean, best_z, y, pred_clean, best_logits.argmax(1))})
