@@ -60,8 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   data.train_per_class use the first N training examples of each class (0 = off).
   data.test_examples / data.test_per_class   the same for the test split.
   model.*              see ``geomrobust.models`` (name: mlp | cnn | resnet18 |
-                       vone_cnn | vone_resnet18 | audio_cnn; the stochastic
-                       ones' fields in models/stochastic.py and models/audio.py).
+                       vone_cnn | vone_resnet18 | audio_cnn | symmetric_relu |
+                       poly2; the stochastic ones' fields in models/stochastic.py
+                       and models/audio.py, the two-class ones' in models/sparse.py).
   method.name          a module of ``geomrobust.methods``; its other fields are
                        that method's hyperparameters (documented there).
   train.epochs, train.batch_size (global, split over devices), train.optimizer

@@ -189,7 +189,7 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
     runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
              seed=int(config.seed), runs=runs, table=report.summary_table(member_results),
-             smoke=bool(config.get('smoke_run', False)))
+             smoke=bool(config.get('smoke_run', False)), **probes_lib.family_results(member_results))
   sub = members_lib.member_sweep(config)
   if sub is not None:
     # The member sweep: a plain sweep experiment in its own folder, its table in ours.
@@ -466,6 +466,7 @@ def _write_family(workdir: pathlib.Path, top: dict, member_results: dict[str, di
   """A family's summary table from its members' results, into its top
   ``results.json`` (``top`` with the new table) and ``report.md``."""
   top['table'] = report.summary_table(member_results)
+  top.update(probes_lib.family_results(member_results))
   runio.write_json(workdir / 'results.json', top)
   report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
                                  top, member_results)

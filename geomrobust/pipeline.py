@@ -159,7 +159,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   init = str(config.get('init_from', '') or '')
   if init and not (pathlib.Path(init.partition('@')[0]) / 'config.json').exists():
     raise config_lib.ConfigError(f'init_from={init!r}: no run in {init.partition("@")[0]} (config.json missing)')
-  evaluation.recipes.resolve(config.eval)
+  dlr = [r.name for r in evaluation.recipes.resolve(config.eval) if evaluation.recipes.loss_name(r) == 'dlr']
+  if dlr and num_classes < 3:
+    keep = [a for a in config.eval.attacks if a not in dlr]
+    raise config_lib.ConfigError(f'eval.attacks has {", ".join(dlr)} but {config.dataset} has {num_classes} classes; '
+                                 f'the DLR loss needs at least 3 (pass --config.eval.attacks="{tuple(keep)}")')
   if method.stochastic:
     # A stochastic model is never evaluated without EOT (evaluation.suite refuses it too, after training).
     if int(config.eval.eot_samples) < 2:

@@ -12,7 +12,8 @@ Checks read the attack grid, and some run attacks of their own:
   gradient_le_noise        every gradient attack is at least as strong as
                            random noise of the same norm.
   large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
-                           is reachable) drives accuracy to ~0; a model that
+                           is reachable; CE and margin loss, worst case per
+                           example) drives accuracy to ~0; a model that
                            survives it is masking gradients. The eps (see
                            :func:`large_eps`) is ``eval.large_eps`` when set;
                            else, with an input box (lo, hi) (the default
@@ -246,9 +247,14 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
 
   # 4. A huge eps: any point of the input box (or, with none, far beyond the data) is reachable.
   large = large_eps(ev, runner.box, runner.x)
-  acc = float(runner.mask(pgd1, large).mean())
-  checks['large_eps_to_zero'] = _check(acc <= tol0, acc, f'accuracy under PGD ({pgd1.steps} steps) at eps={large:g}; '
-                                       f'must be ~0 (<= {tol0:.3g})')
+  # CE and margin PGD, worst case per example: far outside a box, a confident
+  # logit gap makes the float32 softmax exactly one-hot, so the CE gradient is
+  # exactly 0 (an honest unbounded model, e.g. a ReLU score on generated data,
+  # would pass CE-PGD untouched); the margin's gradient never vanishes.
+  margin1 = pgd1.replace('pgd_margin_1', options=dict(loss='margin'))
+  acc = float((runner.mask(pgd1, large) & runner.mask(margin1, large)).mean())
+  checks['large_eps_to_zero'] = _check(acc <= tol0, acc, f'accuracy under PGD ({pgd1.steps} steps, CE and margin, '
+                                       f'worst case) at eps={large:g}; must be ~0 (<= {tol0:.3g})')
   log(f'{tag}sanity: eps=0 changed {changed:.4f} of verdicts; PGD at eps={large:g}: accuracy {acc:.4f}')
   if check_eps is None:
     return checks

@@ -187,6 +187,14 @@ class Method:
     return self.apply(params, x, rng)[0]
 
   @property
+  def input_box(self):
+    """The valid input range ``(lo, hi)`` of ``config.dataset`` (None: unbounded,
+    e.g. generated data): a training-time attack clips to it, as the shared
+    evaluation does."""
+    from geomrobust.data import registry  # late: data imports this package's siblings
+    return registry.get_spec(str(self.config.dataset)).box
+
+  @property
   def stochastic(self) -> bool:
     """The classifier draws noise at evaluation time (a property of the model):
     the evaluation then averages over draws (EOT) and needs a key."""

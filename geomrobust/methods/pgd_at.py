@@ -78,15 +78,16 @@ class PgdAT(base.Method):
   def adversarial(self, params, x, labels, rng, hparams):
     """The training-time attack: ``x [B, ...], labels [B] -> x_adv [B, ...]``.
 
-    Eval-mode model, parameters behind ``stop_gradient``; the last iterate;
-    eps and step size scaled by the warm-up ramp during its first steps.
+    Eval-mode model, parameters behind ``stop_gradient``; the last iterate,
+    clipped to the dataset's input box; eps and step size scaled by the
+    warm-up ramp during its first steps.
     """
     frozen = jax.lax.stop_gradient(params)
     logits_fn = lambda xx, r: self.apply(frozen, xx, r, train=False)[0]
     ramp = base.warmup_fraction(hparams, self.eps_warmup_steps)
     return attacks.pgd(logits_fn, x, labels, rng, eps=ramp * hparams['eps'], step_size=ramp * hparams['step_size'],
                        steps=self.steps, norm=self.norm, random_start=self.random_start, loss='ce',
-                       return_last=True)
+                       return_last=True, box=self.input_box)
 
   def _loss(self, params, batch, rng, hparams):
     x, y = batch['image'], batch['label']

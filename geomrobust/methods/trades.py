@@ -98,7 +98,8 @@ class Trades(base.Method):
     x_init = x + START_STD * jax.random.normal(k_start, x.shape, x.dtype)
     ramp = base.warmup_fraction(hparams, self.eps_warmup_steps)
     return attacks.pgd(logits_fn, x, labels, k_attack, eps=ramp * hparams['eps'], step_size=ramp * hparams['step_size'],
-                       steps=self.steps, norm=self.norm, loss=kl_to_clean, x_init=x_init, return_last=True)
+                       steps=self.steps, norm=self.norm, loss=kl_to_clean, x_init=x_init, return_last=True,
+                       box=self.input_box)
 
   def _loss(self, params, batch, rng, hparams):
     x, y = batch['image'], batch['label']

@@ -8,15 +8,15 @@ model's config (each module's ``BOUNDS``), checked before any data is loaded.
 import ml_collections
 
 from geomrobust import config as config_lib
-from geomrobust.models import audio, cnn, mlp, resnet, stochastic
+from geomrobust.models import audio, cnn, mlp, resnet, sparse, stochastic
 from geomrobust.models.cnn import SmallCNN
 from geomrobust.models.common import ACTIVATIONS, INITS
 from geomrobust.models.mlp import MLP
 from geomrobust.models.resnet import ResNet, resnet18
 
 MODELS = {
-    'mlp': lambda c, n: MLP(hidden=tuple(c.hidden), num_classes=n, activation=c.activation,
-                            weight_init=c.weight_init, use_bias=c.get('use_bias', True)),
+    'mlp': lambda c, n: MLP(hidden=tuple(c.get('hidden', (100,))), num_classes=n, activation=c.get('activation', 'relu'),
+                            weight_init=c.get('weight_init', 'lecun'), use_bias=c.get('use_bias', True)),
     'cnn': lambda c, n: SmallCNN(channels=tuple(c.channels), convs_per_block=c.convs_per_block,
                                  kernel_size=c.kernel_size, dense=tuple(c.dense), num_classes=n,
                                  activation=c.activation, weight_init=c.weight_init),
@@ -28,11 +28,15 @@ MODELS = {
     'vone_resnet18': stochastic.build_resnet,
     # Waveform input: fixed log-mel front end + noise + CNN (models/audio.py).
     'audio_cnn': audio.build,
+    # Two-class models of the feature-purification task (models/sparse.py).
+    'symmetric_relu': sparse.build_symmetric,
+    'poly2': sparse.build_poly2,
 }
 
 _BOUNDS: dict[str, dict[str, config_lib.Range]] = {'mlp': mlp.BOUNDS, 'cnn': cnn.BOUNDS, 'resnet18': resnet.BOUNDS,
                                                    'vone_cnn': stochastic.BOUNDS, 'vone_resnet18': stochastic.BOUNDS,
-                                                   'audio_cnn': audio.BOUNDS}
+                                                   'audio_cnn': audio.BOUNDS, 'symmetric_relu': sparse.BOUNDS,
+                                                   'poly2': {'init_std': sparse.BOUNDS['init_std']}}
 # Model fields a stacked sweep may trace (``sweep.hparam=model.<field>``): {field: constant leaf name}.
 _TRACED: dict[str, dict[str, str]] = {'vone_cnn': stochastic.TRACED, 'vone_resnet18': stochastic.TRACED,
                                       'audio_cnn': audio.TRACED}

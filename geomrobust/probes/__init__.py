@@ -41,4 +41,26 @@ def build_probes(probes_config: ml_collections.ConfigDict | dict | None) -> list
   return out
 
 
-__all__ = ['Probe', 'ProbeInput', 'available_probes', 'build_probes', 'get_probe_class', 'option_from_config']
+def member_outputs(member_results: dict[str, dict]) -> dict[str, dict[str, dict]]:
+  """``{probe name: {member: its output}}`` for every known probe some
+  member's results carry (``geometry`` and ``probes`` sections), in first-seen order."""
+  out = {}
+  for section in ('geometry', 'probes'):
+    names = list(dict.fromkeys(n for res in member_results.values() for n in res.get(section) or {}))
+    for name in (n for n in names if n in available_probes()):
+      out[name] = {member: res[section][name] for member, res in member_results.items()
+                   if name in (res.get(section) or {})}
+  return out
+
+
+def family_results(member_results: dict[str, dict]) -> dict:
+  """The tables the probes build across a family's members
+  (``Probe.family_results``), for its top ``results.json``."""
+  top = {}
+  for name, outs in member_outputs(member_results).items():
+    top.update(get_probe_class(name).family_results(outs))
+  return top
+
+
+__all__ = ['Probe', 'ProbeInput', 'available_probes', 'build_probes', 'family_results', 'get_probe_class',
+           'member_outputs', 'option_from_config']

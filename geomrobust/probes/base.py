@@ -104,6 +104,14 @@ class Probe:
     return {}
 
   @classmethod
+  def family_results(cls, outs: dict[str, dict]) -> dict:
+    """Tables across a family's members (``outs``: member name -> this
+    probe's output) for the family's top ``results.json``; keys must not
+    clash with the runner's (``runs``, ``table``, ...). Default: none."""
+    del outs
+    return {}
+
+  @classmethod
   def family_report(cls, outs: dict[str, dict], workdir: pathlib.Path) -> list[str]:
     """Markdown lines comparing the members of a family in its report.md
     (``outs``: member name -> this probe's output; may write plots into

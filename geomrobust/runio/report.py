@@ -283,12 +283,8 @@ def _probe_family_lines(workdir: pathlib.Path, member_results: dict[str, dict]) 
   every probe some member's results carry (its name is its module)."""
   from geomrobust import probes   # here, not at the top: probes draw with this module
   lines = []
-  for section in ('geometry', 'probes'):
-    names = list(dict.fromkeys(n for res in member_results.values() for n in res.get(section) or {}))
-    for name in (n for n in names if n in probes.available_probes()):
-      outs = {member: res[section][name] for member, res in member_results.items()
-              if name in (res.get(section) or {})}
-      lines += probes.get_probe_class(name).family_report(outs, workdir)
+  for name, outs in probes.member_outputs(member_results).items():
+    lines += probes.get_probe_class(name).family_report(outs, workdir)
   return lines
 
 
