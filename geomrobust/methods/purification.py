@@ -24,9 +24,9 @@ frozen takes exactly the steps it would take on theta itself (the gradients
 are equal), so this is adversarial training *from the clean weights*, and
 ``Delta`` is the update ``W_adv - W_clean``. ``rank=r > 0`` restricts it: every
 parameter with two or more axes gets ``Delta = A B^T`` on its
-``[prod(shape[:-1]), shape[-1]]`` reshape (``A`` zeros, ``B`` N(0, 1/r), so
-Delta starts at 0), the rest (biases) a full Delta; W then never moves outside
-the span of ``B``'s columns on the neuron side.
+``[prod(shape[:-1]), shape[-1]]`` reshape (``{'a': A, 'b': B}``, ``A`` zeros,
+``B`` N(0, 1/r), so Delta starts at 0), the rest (biases) a full Delta:
+``W_adv - W_clean`` has rank at most r.
 
 Options (``config.method``):
   recipe        'clean_then_adversarial' (the paper's: both phases),
@@ -42,7 +42,10 @@ Options (``config.method``):
   rank          0 = a full update; r > 0 = the rank-r update above.
   linearize     train the model's linearisation at theta_0 (the NTK regime):
                 ``f_lin(x) = f(x; theta_0) + J f(x; theta_0) (theta - theta_0)``,
-                one ``jax.jvp``, for models without BatchNorm.
+                one ``jax.jvp``, for models without BatchNorm. (A threshold
+                under ``stop_gradient``, as symmetric_relu's, has no tangent:
+                it keeps its value at theta_0, as in the kernel of gradient
+                training.)
   ideal         the ideal classifier f* of the sparse-coding data: the
                 symmetric_relu model with neurons the dictionary atoms and
                 output weights w* (set from the dataset; nothing is trained;
@@ -150,7 +153,7 @@ class Purification(base.Method):
         rows, cols = _as_matrix(leaf).shape
         r = min(self.rank, rows, cols)
         b = jax.random.normal(jax.random.fold_in(rng, i), (cols, r), leaf.dtype) / math.sqrt(r)
-        out.append((jnp.zeros((rows, r), leaf.dtype), b))
+        out.append({'a': jnp.zeros((rows, r), leaf.dtype), 'b': b})
       else:
         out.append(jnp.zeros_like(leaf))
     return jax.tree.unflatten(tree, out)
@@ -158,12 +161,11 @@ class Purification(base.Method):
   @staticmethod
   def update(theta, delta):
     """The update Delta as a tree like ``theta`` (low-rank factors multiplied out)."""
-    def full(leaf, d):
-      if isinstance(d, tuple):
-        a, b = d
-        return jnp.reshape(a @ b.T, jnp.shape(leaf))
+    def full(leaf, d):   # d: theta's leaf's part of Delta, an array or {'a', 'b'}
+      if isinstance(d, dict):
+        return jnp.reshape(d['a'] @ d['b'].T, jnp.shape(leaf))
       return d
-    return jax.tree.map(full, theta, delta, is_leaf=lambda t: isinstance(t, tuple))
+    return jax.tree.map(full, theta, delta)
 
   def effective(self, params):
     """``theta + Delta``: the weights the classifier uses."""
