@@ -369,3 +369,24 @@ def test_dlr_attacks_are_refused_for_two_classes_before_training():
   cfg.eval.attacks = ('pgd', 'apgd_dlr')
   with pytest.raises(config_lib.ConfigError, match="apgd_dlr but sparse_coding has 2 classes.*eval.attacks="):
     experiment.pipeline.validate(cfg)
+
+
+@pytest.mark.parametrize('name', ['pgd_at', 'trades'])
+def test_adversarial_training_attacks_clip_to_the_datasets_own_box(name):
+  # Generated data has no box: the training attack must not clip to [0, 1];
+  # images keep theirs.
+  method_cfg = dict(name=name, eps=0.5, steps=3, norm='l2', step_size=0.0)
+  cfg = _config(method_cfg, dict(name='symmetric_relu', init_std=0.3))
+  method, src = _method(cfg), _source(cfg)
+  x, y = (jnp.asarray(a[:64]) for a in src.test)
+  params = method.init_params(jax.random.key(0), x)
+  x_adv = method.adversarial(params, x, y, jax.random.key(1), method.hparams())
+  assert method.input_box is None and float(x_adv.min()) < -0.05 and float(x_adv.max()) > 1.05
+  assert float(jnp.linalg.norm(x_adv - x, axis=1).max()) <= 0.5 * (1 + 1e-5)
+  images = config_lib.default_config()
+  images.method = ml_collections.ConfigDict(method_cfg)
+  mnist = methods.build_method(images, models.build_model(images.model, 10), 10)
+  xi = jax.random.uniform(jax.random.key(2), (8, 28, 28, 1))
+  p = mnist.init_params(jax.random.key(0), xi)
+  xi_adv = mnist.adversarial(p, xi, jnp.zeros(8, jnp.int32), jax.random.key(1), mnist.hparams())
+  assert mnist.input_box == (0.0, 1.0) and 0.0 <= float(xi_adv.min()) and float(xi_adv.max()) <= 1.0
