@@ -401,6 +401,14 @@ def test_grid_checks_flag_a_non_monotone_curve_and_a_weak_iterative_attack():
   assert not checks['monotone_in_eps']['passed'] and checks['monotone_in_eps']['value'] == pytest.approx(0.2)
   assert not checks['iterative_le_single_step']['passed']
   assert checks['iterative_le_single_step']['value'] == pytest.approx(0.1)
+  # With several iterative attacks the strongest one per eps counts: a weak
+  # PGD beside an APGD as strong as FGSM is no sign of masking; all weak is.
+  two = recipes.resolve(_ev(attacks=('pgd', 'apgd_ce'), sanity=False))
+  strong = rows + [dict(attack='apgd_ce', eps=0.1, accuracy=0.2), dict(attack='apgd_ce', eps=0.2, accuracy=0.29)]
+  assert sanity.grid_checks(0.9, strong, two, n=1000)['iterative_le_single_step']['passed']
+  weak = rows + [dict(attack='apgd_ce', eps=0.1, accuracy=0.2), dict(attack='apgd_ce', eps=0.2, accuracy=0.35)]
+  check = sanity.grid_checks(0.9, weak, two, n=1000)['iterative_le_single_step']
+  assert not check['passed'] and check['value'] == pytest.approx(0.05) and 'best iterative at eps=0.2' in check['detail']
 
 
 @pytest.mark.parametrize('changes,message', [

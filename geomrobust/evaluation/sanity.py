@@ -8,7 +8,9 @@ Checks read the attack grid, and some run attacks of their own:
                            train-mode BatchNorm and randomness mistakes).
   monotone_in_eps          accuracy never rises with eps (per attack and for
                            the worst case; eps = 0 is the clean accuracy).
-  iterative_le_single_step every iterative attack is at least as strong as FGSM.
+  iterative_le_single_step the iterative attacks are at least as strong as
+                           FGSM: at each eps, the lowest accuracy among them
+                           is at most FGSM's.
   gradient_le_noise        every gradient attack is at least as strong as
                            random noise of the same norm.
   large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
@@ -185,6 +187,14 @@ def grid_checks(clean: float, rows: list[dict], recipe_list, n: int, clean_se: f
 
   iterative = [r.name for r in recipe_list if r.iterative]
   gradient = [r.name for r in recipe_list if r.uses_gradient]
+  # The strongest iterative attack per eps against FGSM: masking weakens them
+  # all, while one of them alone can fall short of FGSM on an honest, nearly
+  # linear model (L2 PGD from a random start turns towards the gradient
+  # direction slowly; measured 0.6-1% on the sparse-coding networks).
+  if len(iterative) > 1 and all(r in acc for r in iterative):
+    eps_all = set.intersection(*(set(acc[r]) for r in iterative))
+    acc['best iterative'] = {e: min((acc[r][e] for r in iterative), key=lambda a_s: a_s[0]) for e in eps_all}
+    iterative = ['best iterative']
   gap_check('iterative_le_single_step', 'fgsm', iterative, 'iterative attack')
   gap_check('gradient_le_noise', 'noise', gradient, 'gradient attack')
   return checks
