@@ -97,7 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.update(dict(attacks=BINARY_L2, eps=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6), num_examples=500, batch_size=500))
   c.members = members()
   c.probes = ml_collections.ConfigDict({'purification': {'rank_tau': TAU}})
-  c.smoke = ('only=ideal,at_nn,rank_2,linear_robust,ntk_clean',
+  c.smoke = ('only=ideal,at_nn,rank_2,linear_robust', 'eval.attacks=pgd', 'eval.sanity=false',
              'method.clean_steps=20', 'method.adv_steps=20', 'train.steps_per_log=10',
              'data.sparse_coding.dim=32', 'data.sparse_coding.test_examples=128', 'eval.num_examples=128',
              'eval.eps=0.2,0.6')

@@ -115,9 +115,11 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
   if not path.exists():
     return
   # Fields added to default_config() since that run was written count as
-  # their defaults, so upgrading geomrobust does not orphan finished runs.
+  # their defaults, so upgrading geomrobust does not orphan finished runs
+  # (on both sides: a member that replaces a whole section, e.g.
+  # model={'name': 'mlp', 'hidden': ()}, compares equal to its stored self).
   old = _training_view(config_lib.fill_defaults(runio.read_json(path)))
-  new = _training_view(json.loads(config_lib.to_json(config)))
+  new = _training_view(config_lib.fill_defaults(json.loads(config_lib.to_json(config))))
   diff = _config_diff(old, new)
   if diff:
     raise config_lib.ConfigError(

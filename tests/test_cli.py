@@ -130,6 +130,17 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
       epochs = [json.loads(l) for l in ((tmp_path / member) if member else tmp_path).joinpath(
           'metrics.jsonl').read_text().splitlines()]
       assert epochs and all(0 <= e['pos_fraction'] <= 1 and 0 <= e['neg_fraction'] <= 1 for e in epochs)
+  if 'models' in top:   # feature purification: the family tables of its contract
+    assert {m['name'] for m in top['models']} == set(members)
+    for m in top['models']:
+      assert set(m) >= {'name', 'clean_accuracy', 'robust', 'break_radius'} and m['robust']
+      assert all(set(r) == {'tau', 'accuracy'} and 0 <= r['accuracy'] <= 1 for r in m['robust'])
+    assert set(top['principle']) >= {'median_rho', 'frac_rho_below_1', 'cos_w_wadv', 'cos_w_w0', 'cos_wadv_w0',
+                                     'cos_v_dense'}
+    assert set(top['purity']) >= {'dense_cos_at', 'dense_cos_ideal', 'top1_at'}
+    assert [r['rank'] for r in top['rank']][-1] == 'full' and all('robust_accuracy' in r for r in top['rank'])
+    curve = [json.loads(l) for l in (tmp_path / 'at_nn' / 'metrics.jsonl').read_text().splitlines()]
+    assert {r['phase'] for r in curve} == {'clean', 'adversarial'} and all('dense_cos' in r for r in curve)
   sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
   if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json
     field = sweep.hparam.split('.')[-1]
@@ -145,9 +156,12 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
   # Every kind of run (single, family member, member of a vmapped sweep) loads back as a classifier.
   run = geomrobust.load_run(tmp_path, members[-1]) if members[-1] else geomrobust.load_run(tmp_path)
   from geomrobust import data
-  x = jnp.full((1,) + tuple(data.get_spec(dataset).image_shape), 0.25, jnp.float32)
+  spec = data.get_spec(dataset)
+  shape = (data.make_source(dataset, run.config.data.get(dataset)).example_shape if spec.generated
+           else spec.image_shape)
+  x = jnp.full((1,) + tuple(shape), 0.25, jnp.float32)
   out = run.logits(x, jax.random.key(0)) if run.stochastic else run.logits(x)   # a stochastic model needs a key
-  assert out.shape == (1, 10) and bool(jnp.all(jnp.isfinite(out)))
+  assert out.shape == (1, spec.num_classes) and bool(jnp.all(jnp.isfinite(out)))
 
 
 def test_load_run_gives_a_pure_jax_classifier(trained_family, shared_data_dir):
