@@ -14,7 +14,8 @@ a dense label direction ``w* [d]``; its *dense direction* in input space is
                     adversarial training from ``w``), ``rho_i = ||v_i|| /
                     ||beta_i w'_i||``, and cosines to the initialisation.
   singular_energy   the cumulative share of ``sum s^2`` in the top singular
-                    directions of an update ``W_adv - W_clean``.
+                    directions of an update ``W_adv - W_clean`` (and of a
+                    Gaussian matrix of its shape, for reference).
   break_radius      where a robust-accuracy curve crosses 1/2.
 
 Pure functions of arrays (jnp or numpy); the medians the tables report are
@@ -116,16 +117,23 @@ def principle_summary(w_clean, w_adv, w_init, dense_direction=None) -> dict[str,
 def singular_energy(update, ranks: Sequence[int] = (1, 2, 4, 16)) -> dict:
   """Singular-value energy of an update ``[n, m]``: ``{'top<r>': share of
   sum s^2 in the top r directions, 'effective_rank': exp(entropy of the
-  shares), 'singular_values': the leading 32}``."""
+  shares), 'singular_values': the leading 32, 'gaussian': top<r> and
+  effective_rank of an i.i.d. Gaussian matrix of the same shape (seed 0)}``."""
   s = np.linalg.svd(np.asarray(update, np.float64), compute_uv=False)
   energy = s ** 2
   total = float(energy.sum())
   if total <= 0:
-    return {**{f'top{r}': 0.0 for r in ranks}, 'effective_rank': 0.0, 'singular_values': []}
+    return {**{f'top{r}': 0.0 for r in ranks}, 'effective_rank': 0.0, 'singular_values': [], 'gaussian': {}}
   share = energy / total
   nz = share[share > 0]
+  # The same numbers for a Gaussian matrix of the same shape: what "no
+  # concentration" looks like at this size.
+  g = np.linalg.svd(np.random.default_rng(0).standard_normal(np.shape(update)), compute_uv=False) ** 2
+  g = g / g.sum()
   return {**{f'top{r}': float(share[:r].sum()) for r in ranks},
-          'effective_rank': float(np.exp(-np.sum(nz * np.log(nz)))), 'singular_values': s[:32].tolist()}
+          'effective_rank': float(np.exp(-np.sum(nz * np.log(nz)))), 'singular_values': s[:32].tolist(),
+          'gaussian': {**{f'top{r}': float(g[:r].sum()) for r in ranks},
+                       'effective_rank': float(np.exp(-np.sum(g * np.log(g))))}}
 
 
 def break_radius(taus: Sequence[float], accuracies: Sequence[float], level: float = 0.5) -> float | None:

@@ -25,8 +25,9 @@ are equal), so this is adversarial training *from the clean weights*, and
 ``Delta`` is the update ``W_adv - W_clean``. ``rank=r > 0`` restricts it: every
 parameter with two or more axes gets ``Delta = A B^T`` on its
 ``[prod(shape[:-1]), shape[-1]]`` reshape (``{'a': A, 'b': B}``, ``A`` zeros,
-``B`` N(0, 1/r), so Delta starts at 0), the rest (biases) a full Delta:
-``W_adv - W_clean`` has rank at most r.
+``B`` random orthonormal columns, so Delta starts at 0 and the first steps
+are the full update projected onto r directions), the rest (biases) a full
+Delta: ``W_adv - W_clean`` has rank at most r.
 
 Options (``config.method``):
   recipe        'clean_then_adversarial' (the paper's: both phases),
@@ -61,8 +62,6 @@ purity curve over both phases.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
@@ -152,7 +151,9 @@ class Purification(base.Method):
       if _is_matrix(leaf):
         rows, cols = _as_matrix(leaf).shape
         r = min(self.rank, rows, cols)
-        b = jax.random.normal(jax.random.fold_in(rng, i), (cols, r), leaf.dtype) / math.sqrt(r)
+        # Orthonormal columns: at the start, a step on A moves W by the full
+        # gradient projected onto span(B) (B^T B = I), at the phase's own lr.
+        b = jnp.linalg.qr(jax.random.normal(jax.random.fold_in(rng, i), (cols, r), jnp.float32))[0].astype(leaf.dtype)
         out.append({'a': jnp.zeros((rows, r), leaf.dtype), 'b': b})
       else:
         out.append(jnp.zeros_like(leaf))

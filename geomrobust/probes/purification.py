@@ -270,6 +270,10 @@ class Purification(base.Probe):
                 f'{p["cos_w_w0"]:.3f} | {p["cos_wadv_w0"]:.3f} | '
                 f'{"–" if p["cos_v_dense"] is None else format(p["cos_v_dense"], ".3f")} | '
                 f'{e["top1"]:.2f} / {e["top2"]:.2f} / {e["top4"]:.2f} / {e["top16"]:.2f} | {e["effective_rank"]:.1f} |', '']
+      g = e.get('gaussian') or {}
+      if g:
+        lines += [f'(A Gaussian matrix of the same shape: energy top-1 / 2 / 4 / 16 = {g["top1"]:.2f} / {g["top2"]:.2f} / '
+                  f'{g["top4"]:.2f} / {g["top16"]:.2f}, effective rank {g["effective_rank"]:.1f}.)', '']
     if 'rank' in top:
       lines += [f'Rank-r adversarial training (W = W_clean + A B^T), robust accuracy at tau={top["rank"][0]["tau"]:g}:',
                 '', '| rank | member | clean | robust | break radius |', '|---|---|---|---|---|']
