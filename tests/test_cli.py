@@ -130,7 +130,7 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
       epochs = [json.loads(l) for l in ((tmp_path / member) if member else tmp_path).joinpath(
           'metrics.jsonl').read_text().splitlines()]
       assert epochs and all(0 <= e['pos_fraction'] <= 1 and 0 <= e['neg_fraction'] <= 1 for e in epochs)
-  if 'models' in top:   # feature purification: the family tables of its contract
+  if 'models' in top and 'at_nn' in members:   # feature purification: the family tables of its contract
     assert {m['name'] for m in top['models']} == set(members)
     for m in top['models']:
       assert set(m) >= {'name', 'clean_accuracy', 'robust', 'break_radius'} and m['robust']
@@ -140,6 +140,11 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
     assert set(top['purity']) >= {'dense_cos_at', 'dense_cos_ideal', 'top1_at'}
     assert [r['rank'] for r in top['rank']][-1] == 'full' and all('robust_accuracy' in r for r in top['rank'])
     curve = [json.loads(l) for l in (tmp_path / 'at_nn' / 'metrics.jsonl').read_text().splitlines()]
+  if 'models' in top:   # every member's per-layer decomposition when it trained clean then adversarially
+    for member in members:
+      out = json.loads((tmp_path / member / 'results.json').read_text())['geometry']['purification']
+      if out['recipe'].get('recipe') == 'clean_then_adversarial' and not out['recipe'].get('ideal'):
+        assert out['layers'] and all(0 <= v['frac_rho_below_1'] <= 1 for v in out['layers'].values())
     assert {r['phase'] for r in curve} == {'clean', 'adversarial'} and all('dense_cos' in r for r in curve)
   sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
   if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json

@@ -26,7 +26,8 @@ shared evaluation (``tau``):
 
 A family of such members gets the cross-member tables of the issue's
 contract in its top ``results.json`` (:meth:`Purification.family_results`):
-``models``, ``principle``, ``purity``, ``rank`` and, for members of several
+``models``, ``principle``, ``purity``, ``rank``, ``principle_layers`` (the
+adversarial member's per-matrix decomposition) and, for members of several
 input sizes, ``scaling`` (break radius vs d), with plots in its report.
 
 Options (``config.probes.purification``):
@@ -198,6 +199,9 @@ class Purification(base.Probe):
                           'cos_w_wadv': p['cos_w_wadv'], 'cos_w_w0': p['cos_w_w0'], 'cos_wadv_w0': p['cos_wadv_w0'],
                           'cos_v_dense': p.get('cos_v_dense'), 'neurons': p['neurons'], 'member': roles['adversarial'],
                           'update_energy': {k: v for k, v in at['update'].items() if k != 'singular_values'}}
+    if at is not None and 'layers' in at:   # every weight matrix (a CIFAR ResNet's kernels)
+      top['principle_layers'] = {k: {kk: vv for kk, vv in v.items() if kk != 'update'} |
+                                 {'update_top4': v['update']['top4']} for k, v in at['layers'].items()}
     if at is not None and 'purity' in at:
       purity = {'dense_cos_at': at['purity']['final']['dense_cos'], 'top1_at': at['purity']['final']['top1'],
                 'dense_cos_init': at['purity']['init']['dense_cos'], 'top1_init': at['purity']['init']['top1']}
