@@ -324,63 +324,59 @@ def _curve(run_dir: pathlib.Path) -> list[dict]:
   return [r for r in runio.read_metrics(path) if 'dense_cos' in r]
 
 
-def _plot_curves(path: pathlib.Path, curves: dict[str, list[dict]]) -> None:
+def _figure(panels: int, width: float):
   from geomrobust.runio import report
   plt = report._plt()
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=110)
-  colours = dict(zip(curves, plt.cm.tab10(np.arange(len(curves)) % 10)))
-  for name, rows in curves.items():
-    steps = [r['step'] for r in rows]
-    for ax, key in zip(axes, ('dense_cos', 'purity_top1')):
-      ax.plot(steps, [r[key] for r in rows], '-', color=colours[name], label=name)
-    first_adv = next((r['step'] - r.get('phase_step', 0) for r in rows if r.get('phase') == 'adversarial'), None)
-    if first_adv:
-      for ax in axes:
-        ax.axvline(first_adv, color=colours[name], ls='--', lw=0.7)
-  for ax, title in zip(axes, ('dense-mixture cosine |cos(w_i, M w*)|', 'top-1 share of M^T w_i')):
+  fig, axes = plt.subplots(1, panels, figsize=(width, 3.5), dpi=110)
+  return plt, fig, list(np.atleast_1d(axes))
+
+
+def _finish(plt, fig, axes, path: pathlib.Path, xlabel: str, titles=(), ylabel: str = '') -> None:
+  for ax, title in zip(axes, titles or [''] * len(axes)):
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel('optimiser step')
-    ax.grid(alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which='both')
     ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
 
+def _plot_curves(path: pathlib.Path, curves: dict[str, list[dict]]) -> None:
+  """Dense-mixture cosine and top-1 share over the optimiser steps, a dashed
+  line where each member's adversarial phase starts."""
+  plt, fig, axes = _figure(2, 10)
+  colours = dict(zip(curves, plt.cm.tab10(np.arange(len(curves)) % 10)))
+  for name, rows in curves.items():
+    for ax, key in zip(axes, ('dense_cos', 'purity_top1')):
+      ax.plot([r['step'] for r in rows], [r[key] for r in rows], '-', color=colours[name], label=name)
+    first_adv = next((r['step'] - r.get('phase_step', 0) for r in rows if r.get('phase') == 'adversarial'), None)
+    for ax in axes if first_adv else ():
+      ax.axvline(first_adv, color=colours[name], ls='--', lw=0.7)
+  _finish(plt, fig, axes, path, 'optimiser step', ('dense-mixture cosine |cos(w_i, M w*)|', 'top-1 share of M^T w_i'))
+
+
 def _plot_robust(path: pathlib.Path, models: list[dict]) -> None:
-  from geomrobust.runio import report
-  plt = report._plt()
-  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-  for row in models:
+  plt, fig, axes = _figure(1, 6.5)
+  for i, row in enumerate(models):
     taus = [0.0] + [r['tau'] for r in row['robust']]
-    ax.plot(taus, [row['clean_accuracy']] + [r['accuracy'] for r in row['robust']], marker='o', ms=3, label=row['name'])
-  ax.axhline(0.5, color='grey', ls=':', lw=0.8)
-  ax.set_xlabel('tau (L2)')
-  ax.set_ylabel('robust accuracy')
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+    axes[0].plot(taus, [row['clean_accuracy']] + [r['accuracy'] for r in row['robust']], marker='o', ms=3,
+                 color=plt.cm.tab20(i % 20), ls='-' if i < 20 else '--', label=row['name'])
+  axes[0].axhline(0.5, color='grey', ls=':', lw=0.8)
+  _finish(plt, fig, axes, path, 'tau', ylabel='robust accuracy')
 
 
 def _plot_scaling(path: pathlib.Path, rows: list[dict]) -> None:
-  from geomrobust.runio import report
-  plt = report._plt()
-  fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+  """Break radius vs d per model, log-log."""
+  plt, fig, axes = _figure(1, 5.5)
   for model in dict.fromkeys(r['model'] for r in rows):
     pts = sorted((r['dim'], r['break_radius']) for r in rows if r['model'] == model and r['break_radius'])
     if pts:
-      ax.plot(*zip(*pts), marker='o', ms=3, label=model)
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  ax.set_xlabel('input dimension d')
-  ax.set_ylabel('break radius (robust accuracy 50%)')
-  ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+      axes[0].plot(*zip(*pts), marker='o', ms=3, label=model)
+  axes[0].set_xscale('log')
+  axes[0].set_yscale('log')
+  _finish(plt, fig, axes, path, 'input dimension d', ylabel='break radius (robust accuracy 50%)')
 
 
 PROBE = Purification
