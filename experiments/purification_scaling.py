@@ -32,6 +32,9 @@ COMMAND:
 
 RUNTIME: see the README.
 
+EXPECTED (paper): the break radius of linear_robust, poly2_at and ntk_at
+falls like sqrt(k/d); at_nn stays near ideal at every d.
+
 Variants:
   --config.only=at_nn_d256,linear_robust_d256     any subset of the members
 """

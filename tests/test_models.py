@@ -60,7 +60,7 @@ def test_cnn_shapes():
 
 
 def test_unknown_names_raise_clear_errors():
-  with pytest.raises(ValueError, match="unknown model 'vit'; available: audio_cnn, cnn, mlp, resnet18, vone_cnn, vone_resnet18"):
+  with pytest.raises(ValueError, match="unknown model 'vit'; available: audio_cnn, cnn, mlp, poly2, resnet18, symmetric_relu, vone_cnn, vone_resnet18"):
     models.build_model(_cfg(name='vit'), 10)
   model = models.build_model(_cfg(activation='swishy'), 10)
   with pytest.raises(ValueError, match="unknown activation 'swishy'"):
