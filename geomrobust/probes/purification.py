@@ -258,7 +258,9 @@ class Purification(base.Probe):
         if f'dense_cos_{key}' in p:
           lines.append(f'| {label} | {p[f"dense_cos_{key}"]:.3f} | {p[f"top1_{key}"]:.3f} |')
       lines.append('')
-    curves = {n: _curve(workdir / n) for n in outs}
+    # Trained networks only: a linearised model's weights are not its features, the ideal is not trained.
+    curves = {n: _curve(workdir / n) for n, o in outs.items()
+              if not o['recipe'].get('linearize') and not o['recipe'].get('ideal')}
     curves = {n: c for n, c in curves.items() if c}
     if curves:
       _plot_curves(workdir / CURVE_PLOT, curves)
@@ -347,7 +349,7 @@ def _plot_curves(path: pathlib.Path, curves: dict[str, list[dict]]) -> None:
   """Dense-mixture cosine and top-1 share over the optimiser steps, a dashed
   line where each member's adversarial phase starts."""
   plt, fig, axes = _figure(2, 10)
-  colours = dict(zip(curves, plt.cm.tab10(np.arange(len(curves)) % 10)))
+  colours = dict(zip(curves, plt.cm.tab20(np.arange(len(curves)) % 20)))
   for name, rows in curves.items():
     for ax, key in zip(axes, ('dense_cos', 'purity_top1')):
       ax.plot([r['step'] for r in rows], [r[key] for r in rows], '-', color=colours[name], label=name)
