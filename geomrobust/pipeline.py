@@ -165,7 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if dlr and num_classes < 3:
     keep = [a for a in config.eval.attacks if a not in dlr]
     raise config_lib.ConfigError(f'eval.attacks has {", ".join(dlr)} but {config.dataset} has {num_classes} classes; '
-                                 f'the DLR loss needs at least 3 (pass --config.eval.attacks="{tuple(keep)}")')
+                                 f'the DLR loss needs at least 3 (pass --config.eval.attacks={",".join(keep)})')
   if method.stochastic:
     # A stochastic model is never evaluated without EOT (evaluation.suite refuses it too, after training).
     if int(config.eval.eot_samples) < 2:

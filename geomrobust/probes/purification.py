@@ -124,7 +124,8 @@ class Purification(base.Probe):
       return {}
     snaps = snap(inp.params)
     out = {}
-    first = next((k for k, w in snaps['final'].items() if task is not None and w.shape[0] == task[0].shape[0]), None)
+    # The neurons of the sparse-coding network: its matrix 'w' [d, m] (poly2's [d, d] form is no layer of neurons).
+    first = 'w' if task is not None and snaps['final'].get('w', np.zeros((0, 0))).shape[0] == task[0].shape[0] else None
     if first is not None:
       out['purity'] = {stage: geometry.purity_summary(snaps[stage][first], *task) for stage in ('init', 'clean', 'final')}
     if snaps.get('from_clean'):
