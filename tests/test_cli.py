@@ -145,6 +145,9 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
       out = json.loads((tmp_path / member / 'results.json').read_text())['geometry']['purification']
       if out['recipe'].get('recipe') == 'clean_then_adversarial' and not out['recipe'].get('ideal'):
         assert out['layers'] and all(0 <= v['frac_rho_below_1'] <= 1 for v in out['layers'].values())
+        if dataset == 'cifar10':   # the first conv layer's RGB filters, pictured per stage
+          assert np.asarray(out['first_filters']['final']).shape[2] == 3
+          assert (tmp_path / member / 'purification_filters.png').stat().st_size > 1000
     assert {r['phase'] for r in curve} == {'clean', 'adversarial'} and all('dense_cos' in r for r in curve)
   sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
   if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json

@@ -177,7 +177,8 @@ class Purification(base.Method):
     """``{'init': theta_0, 'clean': theta, 'final': theta + Delta}``, each a
     ``{param path: [fan_in, neurons] matrix}`` dict of the parameters with
     two or more axes (a conv kernel ``[h, w, c_in, c_out]`` becomes
-    ``[h * w * c_in, c_out]``), and ``'from_clean'``: True when the final
+    ``[h * w * c_in, c_out]``; ``'shapes'`` has the original shapes), and
+    ``'from_clean'``: True when the final
     weights are adversarial training from the clean ones (the principle's
     setting)."""
     def matrices(tree):
@@ -185,6 +186,8 @@ class Purification(base.Method):
               for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if _is_matrix(leaf)}
     return {'init': matrices(params['init']), 'clean': matrices(params['model']),
             'final': matrices(self.effective(params)),
+            'shapes': {'/'.join(base.path_names(p)): tuple(jnp.shape(leaf))
+                       for p, leaf in jax.tree_util.tree_leaves_with_path(params['model']) if _is_matrix(leaf)},
             'from_clean': self.recipe == 'clean_then_adversarial' and not self.ideal}
 
   # -- forward --------------------------------------------------------------

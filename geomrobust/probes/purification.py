@@ -22,7 +22,8 @@ shared evaluation (``tau``):
   w*)|``), the singular-value energy of the update ``W_adv - W_clean``
   (``update``), and the same decomposition for every weight matrix
   (``layers``: conv kernels as ``[h*w*c_in, c_out]``), which is what a
-  CIFAR-10 ResNet gets.
+  CIFAR-10 ResNet gets, with a picture of its first conv layer's RGB filters
+  at init, after clean and after adversarial training (``first_filters``).
 
 A family of such members gets the cross-member tables of the issue's
 contract in its top ``results.json`` (:meth:`Purification.family_results`):
@@ -56,6 +57,8 @@ from geomrobust.probes import base
 CURVE_PLOT = 'purification_curves.png'
 ROBUST_PLOT = 'purification_robust.png'
 SCALING_PLOT = 'purification_scaling.png'
+FILTER_PLOT = 'purification_filters.png'
+FILTERS = 16   # first-layer filters pictured per stage
 _DIM_SUFFIX = re.compile(r'_d(\d+)$')
 
 
@@ -136,6 +139,12 @@ class Purification(base.Probe):
                                                dense if k == first else None)
         layers[k]['update'] = geometry.singular_energy(snaps['final'][k] - snaps['clean'][k])
       out['layers'] = layers
+    # An image model's first conv layer (c_in = 3): its filters per stage, for the report's picture.
+    rgb = next((k for k, shape in snaps.get('shapes', {}).items() if len(shape) == 4 and shape[2] == 3), None)
+    if rgb is not None:
+      shape = snaps['shapes'][rgb]
+      out['first_filters'] = {'layer': rgb, **{stage: np.asarray(snaps[stage][rgb]).reshape(shape)[..., :FILTERS].tolist()
+                                               for stage in ('init', 'clean', 'final')}}
       if first is not None:
         out['principle'] = {kk: v for kk, v in layers[first].items() if kk != 'update'}
         out['update'] = layers[first]['update']
@@ -167,6 +176,10 @@ class Purification(base.Probe):
       for stage, p in out['purity'].items():
         lines.append(f'| {stage} | {p["top1"]:.3f} | {p["dense_cos"]:.3f} | {p["l1_l2"]:.2f} |')
       lines.append('')
+    if 'first_filters' in out:
+      _plot_filters(pathlib.Path(workdir) / FILTER_PLOT, out['first_filters'])
+      lines += [f'First-layer filters ({out["first_filters"]["layer"]}; rows: init, clean, final; each filter scaled '
+                'to [0, 1] on its own):', '', f'![first-layer filters]({FILTER_PLOT})', '']
     if 'layers' in out:
       lines += ['Principle per weight matrix (w = beta w\' + v; medians over neurons):', '',
                 '| layer | neurons | median rho | rho < 1 | cos(w, w\') | cos(w, w0) | cos(w\', w0) | update energy top-1/4/16 |',
@@ -368,6 +381,26 @@ def _plot_robust(path: pathlib.Path, models: list[dict]) -> None:
                  color=plt.cm.tab20(i % 20), ls='-' if i < 20 else '--', label=row['name'])
   axes[0].axhline(0.5, color='grey', ls=':', lw=0.8)
   _finish(plt, fig, axes, path, 'tau', ylabel='robust accuracy')
+
+
+def _plot_filters(path: pathlib.Path, filters: dict) -> None:
+  """The first conv layer's RGB filters ``[h, w, 3, n]`` at init, after clean and after adversarial training."""
+  stages = ('init', 'clean', 'final')
+  n = np.asarray(filters['init']).shape[-1]
+  from geomrobust.runio import report
+  plt = report._plt()
+  fig, axes = plt.subplots(len(stages), n, figsize=(0.7 * n, 0.8 * len(stages)), dpi=110, squeeze=False)
+  for row, stage in enumerate(stages):
+    k = np.asarray(filters[stage], np.float64)
+    for j in range(n):
+      f = k[..., j]
+      axes[row][j].imshow((f - f.min()) / (f.max() - f.min() + 1e-12), interpolation='nearest')
+      axes[row][j].set_xticks([])
+      axes[row][j].set_yticks([])
+    axes[row][0].set_ylabel(stage, fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
 
 
 def _plot_scaling(path: pathlib.Path, rows: list[dict]) -> None:
