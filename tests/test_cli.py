@@ -140,6 +140,7 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
     assert set(top['purity']) >= {'dense_cos_at', 'dense_cos_ideal', 'top1_at'}
     assert [r['rank'] for r in top['rank']][-1] == 'full' and all('robust_accuracy' in r for r in top['rank'])
     curve = [json.loads(l) for l in (tmp_path / 'at_nn' / 'metrics.jsonl').read_text().splitlines()]
+    assert {r['phase'] for r in curve} == {'clean', 'adversarial'} and all('dense_cos' in r for r in curve)
   if 'models' in top:   # every member's per-layer decomposition when it trained clean then adversarially
     for member in members:
       out = json.loads((tmp_path / member / 'results.json').read_text())['geometry']['purification']
@@ -148,7 +149,6 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
         if dataset == 'cifar10':   # the first conv layer's RGB filters, pictured per stage
           assert np.asarray(out['first_filters']['final']).shape[2] == 3
           assert (tmp_path / member / 'purification_filters.png').stat().st_size > 1000
-    assert {r['phase'] for r in curve} == {'clean', 'adversarial'} and all('dense_cos' in r for r in curve)
   sweep = config_lib.smoke(config_lib.load_experiment(name)).get('sweep')
   if sweep and sweep.get('member'):   # a family sweeping one member: its table in the top results.json
     field = sweep.hparam.split('.')[-1]

@@ -139,15 +139,15 @@ class Purification(base.Probe):
                                                dense if k == first else None)
         layers[k]['update'] = geometry.singular_energy(snaps['final'][k] - snaps['clean'][k])
       out['layers'] = layers
+      if first is not None:
+        out['principle'] = {kk: v for kk, v in layers[first].items() if kk != 'update'}
+        out['update'] = layers[first]['update']
     # An image model's first conv layer (c_in = 3): its filters per stage, for the report's picture.
     rgb = next((k for k, shape in snaps.get('shapes', {}).items() if len(shape) == 4 and shape[2] == 3), None)
     if rgb is not None:
       shape = snaps['shapes'][rgb]
       out['first_filters'] = {'layer': rgb, **{stage: np.asarray(snaps[stage][rgb]).reshape(shape)[..., :FILTERS].tolist()
                                                for stage in ('init', 'clean', 'final')}}
-      if first is not None:
-        out['principle'] = {kk: v for kk, v in layers[first].items() if kk != 'update'}
-        out['update'] = layers[first]['update']
     return out
 
   def summary(self, out: dict) -> dict[str, float]:
