@@ -396,6 +396,19 @@ def test_check_eps_is_where_the_worst_case_is_half_of_clean():
   assert sanity.choose_check_eps(ev, 0.98, rows) == 0.3
 
 
+def test_random_noise_may_rise_with_eps_within_its_sampling_error():
+  recipe_list = recipes.resolve(_ev(attacks=('pgd',)))   # sanity adds fgsm and noise
+  rows = [dict(attack='noise', eps=0.1, accuracy=0.805), dict(attack='noise', eps=0.2, accuracy=0.835),
+          dict(attack='pgd', eps=0.1, accuracy=0.5), dict(attack='pgd', eps=0.2, accuracy=0.3),
+          dict(attack='fgsm', eps=0.1, accuracy=0.6), dict(attack='fgsm', eps=0.2, accuracy=0.55)]
+  assert sanity.grid_checks(0.9, rows, recipe_list, n=200)['monotone_in_eps']['passed']
+  rows[1] = dict(attack='noise', eps=0.2, accuracy=0.95)   # +14.5 points: beyond three standard errors (10.6)
+  assert not sanity.grid_checks(0.97, rows, recipe_list, n=200)['monotone_in_eps']['passed']
+  rows[1] = dict(attack='noise', eps=0.2, accuracy=0.805)
+  rows[3] = dict(attack='pgd', eps=0.2, accuracy=0.53)    # an attack's curve gets no such allowance
+  assert not sanity.grid_checks(0.9, rows, recipe_list, n=200)['monotone_in_eps']['passed']
+
+
 def test_grid_checks_flag_a_non_monotone_curve_and_a_weak_iterative_attack():
   rows = [dict(attack='fgsm', eps=0.1, accuracy=0.5), dict(attack='fgsm', eps=0.2, accuracy=0.3),
           dict(attack='pgd', eps=0.1, accuracy=0.2), dict(attack='pgd', eps=0.2, accuracy=0.4)]
