@@ -216,6 +216,15 @@ class Method:
     raise NotImplementedError
 
 
+def choice(section: ml_collections.ConfigDict, key: str, default: str, options) -> str:
+  """``section[key]`` (``default`` when absent) as a string, which must be one
+  of ``options``; else the one-line ValueError naming them (``method.<key>``)."""
+  value = str(section.get(key, default))
+  if value not in options:
+    raise ValueError(f'unknown method.{key} {value!r}; available: {", ".join(options)}')
+  return value
+
+
 def warmup_fraction(hparams: dict, warmup_steps: int) -> jax.Array:
   """``min(1, (step + 1) / warmup_steps)`` for ``hparams['step']``; 1 when
   ``warmup_steps <= 0`` or no step is given (outside training)."""

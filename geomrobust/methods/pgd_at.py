@@ -58,12 +58,8 @@ class PgdAT(base.Method):
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
     m = config.method
-    self.attack = str(m.get('attack', 'pgd'))
-    if self.attack not in TRAIN_ATTACKS:
-      raise ValueError(f'unknown method.attack {self.attack!r}; available: {", ".join(TRAIN_ATTACKS)}')
-    self.norm = str(m.get('norm', 'linf'))
-    if self.norm not in attacks.NORMS:
-      raise ValueError(f'unknown method.norm {self.norm!r}; available: {", ".join(attacks.NORMS)}')
+    self.attack = base.choice(m, 'attack', 'pgd', TRAIN_ATTACKS)
+    self.norm = base.choice(m, 'norm', 'linf', attacks.NORMS)
     fast = self.attack == 'fgsm_rs'
     self.steps = 1 if fast else int(m.get('steps', 40))
     self.random_start = True if fast else bool(m.get('random_start', True))

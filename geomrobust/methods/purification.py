@@ -98,15 +98,9 @@ class Purification(base.Method):
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
     m = config.method
-    self.attack = str(m.get('attack', 'fgm'))
-    if self.attack not in ATTACKS:
-      raise ValueError(f'unknown method.attack {self.attack!r}; available: {", ".join(ATTACKS)}')
-    self.norm = str(m.get('norm', 'l2'))
-    if self.norm not in NORMS:
-      raise ValueError(f'unknown method.norm {self.norm!r}; available: {", ".join(NORMS)}')
-    self.recipe = str(m.get('recipe', 'clean_then_adversarial'))
-    if self.recipe not in RECIPES:
-      raise ValueError(f'unknown method.recipe {self.recipe!r}; available: {", ".join(RECIPES)}')
+    self.attack = base.choice(m, 'attack', 'fgm', ATTACKS)
+    self.norm = base.choice(m, 'norm', 'l2', NORMS)
+    self.recipe = base.choice(m, 'recipe', 'clean_then_adversarial', RECIPES)
     self.clean_steps, self.adv_steps = int(m.get('clean_steps', 0)), int(m.get('adv_steps', 0))
     self.clean_lr, self.adv_lr = float(m.get('clean_lr', 0.0)), float(m.get('adv_lr', 0.0))
     self.tau, self.pgd_steps, self.rank = float(m.get('tau', 0.0)), int(m.get('pgd_steps', 10)), int(m.get('rank', 0))

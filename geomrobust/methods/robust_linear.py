@@ -45,9 +45,7 @@ class RobustLinear(base.Method):
     if num_classes != 2 or type(model).__name__ != 'MLP' or tuple(model.hidden):
       raise ValueError('method robust_linear needs a two-class linear model: model.name=mlp with model.hidden=() '
                        f'on a two-class dataset (got model {config.model.name!r}, {num_classes} classes)')
-    self.norm = str(m.get('norm', 'l2'))
-    if self.norm not in DUAL:
-      raise ValueError(f'unknown method.norm {self.norm!r}; available: {", ".join(DUAL)}')
+    self.norm = base.choice(m, 'norm', 'l2', DUAL)
     self.tau, self.steps = float(m.get('tau', 0.0)), int(m.get('adv_steps', 1000))
 
   def hparams(self):

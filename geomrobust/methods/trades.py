@@ -65,9 +65,7 @@ class Trades(base.Method):
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
     m = config.method
-    self.norm = str(m.get('norm', 'linf'))
-    if self.norm not in attacks.NORMS:
-      raise ValueError(f'unknown method.norm {self.norm!r}; available: {", ".join(attacks.NORMS)}')
+    self.norm = base.choice(m, 'norm', 'linf', attacks.NORMS)
     self.steps = int(m.get('steps', 10))
     self.eps = float(m.eps)
     self.beta = float(m.get('beta', 6.0))
