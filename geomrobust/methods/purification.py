@@ -22,7 +22,8 @@ the purification principle compares, whatever the model:
 The classifier uses ``theta + Delta``. Plain SGD (or Adam) on Delta with theta
 frozen takes exactly the steps it would take on theta itself (the gradients
 are equal), so this is adversarial training *from the clean weights*, and
-``Delta`` is the update ``W_adv - W_clean``. ``rank=r > 0`` restricts it: every
+``Delta`` is the update ``W_adv - W_clean``. (Weight decay is the exception:
+it decays Delta, i.e. pulls towards the clean weights, not towards 0.) ``rank=r > 0`` restricts it: every
 parameter with two or more axes gets ``Delta = A B^T`` on its
 ``[prod(shape[:-1]), shape[-1]]`` reshape (``{'a': A, 'b': B}``, ``A`` zeros,
 ``B`` random orthonormal columns, so Delta starts at 0 and the first steps
@@ -172,9 +173,8 @@ class Purification(base.Method):
     ``{param path: [fan_in, neurons] matrix}`` dict of the parameters with
     two or more axes (a conv kernel ``[h, w, c_in, c_out]`` becomes
     ``[h * w * c_in, c_out]``; ``'shapes'`` has the original shapes), and
-    ``'from_clean'``: True when the final
-    weights are adversarial training from the clean ones (the principle's
-    setting)."""
+    ``'from_clean'``: True when the final weights are adversarial training
+    from the clean ones (the principle's setting)."""
     def matrices(tree):
       return {'/'.join(base.path_names(p)): np.asarray(_as_matrix(leaf), np.float32)
               for p, leaf in jax.tree_util.tree_leaves_with_path(tree) if _is_matrix(leaf)}
