@@ -268,9 +268,14 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   # CE and margin PGD, worst case per example: far outside a box, a confident
   # logit gap makes the float32 softmax exactly one-hot, so the CE gradient is
   # exactly 0 (an honest unbounded model, e.g. a ReLU score on generated data,
-  # would pass CE-PGD untouched); the margin's gradient never vanishes.
-  margin1 = pgd1.replace('pgd_margin_1', options=dict(loss='margin'))
-  acc = float((runner.mask(pgd1, large) & runner.mask(margin1, large)).mean())
+  # would pass CE-PGD untouched); the margin's gradient never vanishes. The
+  # margin PGD attacks only what CE-PGD left (usually nothing: no extra cost).
+  survived = np.asarray(runner.mask(pgd1, large)).copy()
+  left = np.flatnonzero(survived)
+  if left.size:
+    margin1 = pgd1.replace('pgd_margin_1', options=dict(loss='margin'))
+    survived[left] &= np.asarray(runner.mask(margin1, large, subset=left))
+  acc = float(survived.mean())
   checks['large_eps_to_zero'] = _check(acc <= tol0, acc, f'accuracy under PGD ({pgd1.steps} steps, CE and margin, '
                                        f'worst case) at eps={large:g}; must be ~0 (<= {tol0:.3g})')
   log(f'{tag}sanity: eps=0 changed {changed:.4f} of verdicts; PGD at eps={large:g}: accuracy {acc:.4f}')
