@@ -404,11 +404,15 @@ def evaluate_workdir(workdir: str | pathlib.Path, eval_overrides: list[tuple[str
   the latent-space study, ``probes/latent.py``).
   """
   workdir = pathlib.Path(workdir)
-  cfg_path = workdir / 'config.json'
-  if not cfg_path.exists():
-    raise FileNotFoundError(f'no trained run in {workdir} (no config.json); train one there first: '
-                            f'python launch.py --experiment=NAME --workdir={workdir}')
-  with lock.writer(workdir, log=log):  # Before anything else: a run in progress is not evaluated.
+  missing = FileNotFoundError(f'no trained run in {workdir} (no config.json); train one there first: '
+                              f'python launch.py --experiment=NAME --workdir={workdir}')
+  if not workdir.is_dir():
+    raise missing
+  # The lock before anything else: a run in progress is not evaluated, and is
+  # reported busy even before it has written its config.json.
+  with lock.writer(workdir, log=log):
+    if not (workdir / 'config.json').exists():
+      raise missing
     return _evaluate_locked(workdir, eval_overrides, data_dir, log=log)
 
 

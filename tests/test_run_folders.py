@@ -189,6 +189,24 @@ def test_two_processes_on_one_folder(tiny_mnist_dir, tmp_path):
   assert not (workdir / lock.LOCK_FILE).exists()
 
 
+def test_evaluate_reports_a_busy_folder_before_its_config_exists(tmp_path):
+  # A run that has taken its lock but not yet written config.json is busy, not missing.
+  other = subprocess.Popen(['sleep', '60'])
+  try:
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / lock.LOCK_FILE).write_text(json.dumps(dict(
+        pid=other.pid, host=socket.gethostname(), started='now', command='launch.py',
+        process_start=lock._process_start(other.pid))))
+    with pytest.raises(lock.RunFolderBusy, match=f'in use by pid {other.pid}'):
+      experiment.evaluate_workdir(folder, [], None, log=lambda s: None)
+    assert (folder / lock.LOCK_FILE).exists() and not (folder / 'config.json').exists()
+  finally:
+    other.kill()
+  with pytest.raises(FileNotFoundError, match='no trained run'):
+    experiment.evaluate_workdir(tmp_path / 'nothing', [], None, log=lambda s: None)
+
+
 # --------------------------------------------------------------------------
 # 3. Damaged checkpoints
 # --------------------------------------------------------------------------

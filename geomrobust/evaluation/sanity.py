@@ -269,10 +269,11 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   # logit gap makes the float32 softmax exactly one-hot, so the CE gradient is
   # exactly 0 (an honest unbounded model, e.g. a ReLU score on generated data,
   # would pass CE-PGD untouched); the margin's gradient never vanishes. The
-  # margin PGD attacks only what CE-PGD left (usually nothing: no extra cost).
+  # margin PGD runs only when CE-PGD alone would fail the check, and only on
+  # what CE-PGD left (usually it is not needed: no extra cost).
   survived = np.asarray(runner.mask(pgd1, large)).copy()
   left = np.flatnonzero(survived)
-  if left.size:
+  if survived.mean() > tol0:
     margin1 = pgd1.replace('pgd_margin_1', options=dict(loss='margin'))
     survived[left] &= np.asarray(runner.mask(margin1, large, subset=left))
   acc = float(survived.mean())
