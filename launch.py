@@ -44,6 +44,12 @@ flags.DEFINE_string('analyze', None, 'Manifold geometry (MFTMA capacity, radius,
                     'one member (WORKDIR/member); writes geometry.json, geometry.png and a report.md section. '
                     '--config.geometry.* set its options (e.g. --config.geometry.eps=0,0.1 '
                     '--config.geometry.n_t=100); no retraining.')
+flags.DEFINE_integer('cpu_devices', 0, 'On a CPU host: how many XLA devices to expose (the evaluation shards its '
+                     'examples over them; training uses one). 0: 2 on a host with 2+ cores, else 1. See '
+                     'geomrobust/runtime.py.')
+flags.DEFINE_bool('compilation_cache', True, 'Keep compiled programs in $GEOMROBUST_CACHE_DIR/jax (default '
+                  '~/.cache/geomrobust/jax) so a rerun, resume or --evaluate does not compile them again; '
+                  '--nocompilation_cache turns it off.')
 FLAGS = flags.FLAGS
 
 # Filled from sys.argv before absl parses it (absl does not know --config.*).
@@ -68,6 +74,11 @@ def main(argv):
     # ours. --verbosity=0 brings their logs back.
     logging.set_verbosity(logging.WARNING)
   # Imported here so --help stays fast and errors above need no JAX.
+  from geomrobust import runtime
+  try:
+    runtime.configure(FLAGS.cpu_devices, FLAGS.compilation_cache)
+  except ValueError as e:
+    _fail(str(e))
   from geomrobust import config as config_lib
   from geomrobust import data as data_lib
   from geomrobust import experiment as exp_lib

@@ -43,7 +43,8 @@ STACKED_DIR = 'stacked'
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       data_dir: str | None = None, *, mesh=None, log: Callable[[str], None] = print,
+                       data_dir: str | None = None, *, mesh=None, eval_mesh=None,
+                       log: Callable[[str], None] = print,
                        tag: str = '', after_epoch=None, data: Data | None = None,
                        evaluator: evaluation.Evaluator | None = None, probes: list | None = None) -> dict:
   """Trains one model (resuming from ``workdir``), evaluates it and writes
@@ -52,12 +53,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   with lock.writer(workdir, log=log):
     check_workdir_config(workdir, config)
-    mesh = mesh or parallel.make_mesh(int(config.parallel.num_devices))
+    mesh = mesh or parallel.make_mesh(int(config.parallel.num_devices), training=True)
+    eval_mesh = eval_mesh or parallel.make_mesh(int(config.parallel.num_devices))
     data = data or prepare_data(config, data_dir)
     method, trained = _train_alone(config, workdir, data, mesh, log=log, tag=tag, after_epoch=after_epoch)
     evaluator = evaluator or evaluation.Evaluator()
     probes = probes_lib.build_probes(config.get('probes')) if probes is None else probes
-    results = evaluate_model(method, trained.params, data, config, mesh, evaluator=evaluator, probes=probes,
+    results = evaluate_model(method, trained.params, data, config, eval_mesh, evaluator=evaluator, probes=probes,
                              log=log, tag=tag)
     results['timing'].update(train_seconds=trained.seconds,
                              train_examples_per_second=trained.examples_per_second,
@@ -89,7 +91,8 @@ class _Context:
 
   def __init__(self, config, data_dir):
     self.data_dir = data_dir
-    self.mesh = parallel.make_mesh(int(config.parallel.num_devices))
+    self.mesh = parallel.make_mesh(int(config.parallel.num_devices), training=True)
+    self.eval_mesh = parallel.make_mesh(int(config.parallel.num_devices))
     self.evaluator = evaluation.Evaluator()
     self._data, self._probes = {}, {}
 
@@ -183,7 +186,8 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
       log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
-      res = train_and_evaluate(m.config, sub, ctx.data_dir, mesh=ctx.mesh, log=log, tag=tag, data=ctx.data(m.config),
+      res = train_and_evaluate(m.config, sub, ctx.data_dir, mesh=ctx.mesh, eval_mesh=ctx.eval_mesh, log=log, tag=tag,
+                               data=ctx.data(m.config),
                                evaluator=ctx.evaluator, probes=ctx.probes(m.config))
     member_results[m.name] = res
     runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
@@ -287,7 +291,7 @@ def _evaluate_sweep_member(m, trained: _Trained, config, workdir, ctx, *, log, t
   params = trained.params(m)
   n_screen = min(int(sw.screen_examples), len(data.eval_labels))
   screen = dataclasses.replace(data, eval_images=data.eval_images[:n_screen], eval_labels=data.eval_labels[:n_screen])
-  res = evaluate_model(trained.method, params, screen, m.config, ctx.mesh, evaluator=ctx.evaluator, probes=[],
+  res = evaluate_model(trained.method, params, screen, m.config, ctx.eval_mesh, evaluator=ctx.evaluator, probes=[],
                        eval_config=members_lib.screen_eval_config(config), log=log, tag=tag)
   # Probes see the whole evaluation set, as in a single run.
   probed = pipeline.evaluate_probes(trained.method, params, data, m.config, probes, config.eval)
@@ -318,7 +322,7 @@ def _evaluate_sweep_member(m, trained: _Trained, config, workdir, ctx, *, log, t
 def _strong_evaluate(m, trained: _Trained, results: dict, config, workdir, ctx, *, log, tag) -> dict:
   """Re-evaluates a member with ``config.eval`` (strong profile, sanity checks);
   the screening numbers move to ``results['screen']``."""
-  ev = evaluate_model(trained.method, trained.params(m), ctx.data(m.config), m.config, ctx.mesh,
+  ev = evaluate_model(trained.method, trained.params(m), ctx.data(m.config), m.config, ctx.eval_mesh,
                       evaluator=ctx.evaluator, probes=[], eval_config=config.eval, log=log, tag=tag)
   screen = {k: results[k] for k in ('clean_accuracy', 'robustness', 'eval_examples', 'eval_profile', 'sanity')}
   results = dict(results, clean_accuracy=ev['clean_accuracy'], robustness=ev['robustness'],
@@ -444,7 +448,7 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
   out = {}
   for name, run, cfg, stored, old in loaded:
     probes = ctx.probes(cfg)
-    res = evaluate_model(run.method, run.params, ctx.data(cfg), cfg, ctx.mesh, evaluator=ctx.evaluator,
+    res = evaluate_model(run.method, run.params, ctx.data(cfg), cfg, ctx.eval_mesh, evaluator=ctx.evaluator,
                          probes=probes, log=log, tag=f'[{name}] ' if name else '')
     res['timing'] = dict(old.get('timing', {}), **res['timing'])
     # Only what --evaluate may change: a rerun of the training command still finds its own config.

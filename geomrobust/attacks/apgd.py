@@ -51,6 +51,7 @@ class _State(NamedTuple):
   """Per-restart APGD state; [B, ...] for points and gradients, [B] for the rest."""
 
   x_cur: jax.Array            # x^(k)
+  x_next: jax.Array           # x^(k+1), the point the next iteration evaluates
   x_prev: jax.Array           # x^(k-1), for the momentum term
   g_cur: jax.Array            # gradient at x^(k)
   loss_cur: jax.Array         # f(x^(k))
@@ -106,19 +107,26 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
     k_init, k_model = jax.random.split(key)
     x0 = project(x + random_init(k_init, x, eps, norm), x, eps, norm, box=box) if random_start else x
     out0 = value_and_grad(x0, jax.random.fold_in(k_model, 0))
+
+    def advance(s: _State, a) -> jax.Array:
+      """x^(k+1) from x^(k), x^(k-1), the gradient and eta (momentum weight ``a``)."""
+      z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm, box=box)
+      return project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm, box=box)
+
     state = _State(
-        x_cur=x0, x_prev=x0, g_cur=out0.grad, loss_cur=out0.loss, eta=eta0,
+        x_cur=x0, x_next=x0, x_prev=x0, g_cur=out0.grad, loss_cur=out0.loss, eta=eta0,
         x_max=x0, g_max=out0.grad, loss_max=out0.loss,
         n_increase=jnp.zeros((batch,), jnp.float32),
         loss_max_at_check=out0.loss, reduced_at_check=jnp.zeros((batch,), bool),
         best=common.update_best(common.init_best(x), x0, out0.loss, goal.is_success(out0.probs)))
+    # The first step has no momentum (a = 1). Each iteration then computes the point the next one
+    # evaluates, so the model's input is a loop variable: XLA cannot fuse the projection into
+    # the model's first layer (it did, and recomputed it once per slice of a patches conv).
+    state = state._replace(x_next=advance(state, jnp.asarray(1.0, x.dtype)))
 
     def body(i, carry):
       s, losses = carry
-      a = jnp.where(i == 0, 1.0, alpha).astype(x.dtype)
-      z = project(s.x_cur + expand_to(s.eta, x) * step_direction(s.g_cur, norm), x, eps, norm, box=box)
-      x_next = project(s.x_cur + a * (z - s.x_cur) + (1 - a) * (s.x_cur - s.x_prev), x, eps, norm,
-                       box=box)
+      x_next = s.x_next
       out = value_and_grad(x_next, jax.random.fold_in(k_model, i + 1))
       best = common.update_best(s.best, x_next, out.loss, goal.is_success(out.probs))
 
@@ -134,8 +142,9 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
       stalled = ~s.reduced_at_check & (loss_max <= s.loss_max_at_check)
       reduce = check & (oscillating | stalled)
       r = per_example(reduce)
-      return _State(
+      new = _State(
           x_cur=jnp.where(r, x_max, x_next),
+          x_next=x_next,
           x_prev=jnp.where(r, x_max, s.x_cur),
           g_cur=jnp.where(r, g_max, out.grad),
           loss_cur=jnp.where(reduce, loss_max, out.loss),
@@ -144,7 +153,8 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
           n_increase=jnp.where(check, 0.0, n_increase),
           loss_max_at_check=jnp.where(check, loss_max, s.loss_max_at_check),
           reduced_at_check=jnp.where(check, reduce, s.reduced_at_check),
-          best=best), losses.at[i + 1].set(out.loss)
+          best=best)
+      return new._replace(x_next=advance(new, jnp.asarray(alpha, x.dtype))), losses.at[i + 1].set(out.loss)
 
     losses = jnp.zeros((steps + 1, batch), jnp.float32).at[0].set(out0.loss)
     state, losses = jax.lax.fori_loop(0, steps, body, (state, losses))

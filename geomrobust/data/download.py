@@ -33,10 +33,14 @@ class NetworkUnavailable(Exception):
   """A download could not be made (offline, DNS, HTTP error, timeout...)."""
 
 
+def cache_root() -> Path:
+  """The project's cache folder: $GEOMROBUST_CACHE_DIR, default ~/.cache/geomrobust."""
+  return Path(os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "geomrobust")).expanduser()
+
+
 def cache_dir(spec: DatasetSpec) -> Path:
   """Cache folder of one data set: $GEOMROBUST_CACHE_DIR/<name>, default ~/.cache/geomrobust/<name>."""
-  root = os.environ.get(CACHE_DIR_ENV) or os.path.join("~", ".cache", "geomrobust")
-  return Path(root).expanduser() / spec.name
+  return cache_root() / spec.name
 
 
 def offline_reason() -> str | None:

@@ -439,7 +439,9 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   n = int(len(labels))
   parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
   rep = parallel.replicated(mesh)
-  x, y = jax.device_put((jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
+  # The parameters too: a model trained on another mesh (on a CPU host, training uses one of the
+  # host's devices and the evaluation all of them) is copied to every device of this one.
+  params, x, y = jax.device_put((params, jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)), rep)
   runner = _Runner(evaluator or Evaluator(), apply_fn, params, x, y, ev, mesh, eot, stochastic,
                    attacks.check_box(box), passes)
   keep = {(str(a), float(e)) for a, e in keep_inputs}

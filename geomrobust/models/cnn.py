@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from geomrobust import config as config_lib
 from geomrobust.models import common
+from geomrobust.models import pool
 from geomrobust.models.conv import Conv
 
 # Valid config.model values (each entry of a sequence); see config.field_bounds.
@@ -45,7 +46,7 @@ class SmallCNN(nn.Module):
       for c in range(self.convs_per_block):
         h = act(Conv(ch, (self.kernel_size, self.kernel_size), padding='SAME',
                         kernel_init=kinit, name=f'conv_{b}_{c}')(h))
-      h = nn.max_pool(h, (2, 2), strides=(2, 2))
+      h = pool.max_pool(h, (2, 2))
       reps.append(h)
     h = h.reshape((h.shape[0], -1))
     for k, width in enumerate(self.dense):

@@ -64,6 +64,7 @@ import numpy as np
 
 from geomrobust import config as config_lib
 from geomrobust.models import common
+from geomrobust.models import pool
 from geomrobust.models import resnet
 from geomrobust.models.conv import Conv, conv2d, same_padding
 
@@ -252,7 +253,7 @@ def conv_dense_head(m: nn.Module, h: jax.Array, reps: list, first_conv: int = 0)
   for b, ch in enumerate(m.channels):
     h = nn.relu(Conv(ch, (m.kernel_size, m.kernel_size), padding='SAME', kernel_init=kinit,
                      name=f'conv_{b + first_conv}')(h))
-    h = nn.max_pool(h, (2, 2), strides=(2, 2))
+    h = pool.max_pool(h, (2, 2))
     reps.append(h)
   h = h.reshape((h.shape[0], -1))
   for k, width in enumerate(m.dense):
@@ -301,7 +302,7 @@ class StochasticCNN(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     pre = _first_block(self, x)
-    return conv_dense_head(self, nn.max_pool(nn.relu(pre), (2, 2), strides=(2, 2)), [pre], first_conv=1)
+    return conv_dense_head(self, pool.max_pool(nn.relu(pre), (2, 2)), [pre], first_conv=1)
 
 
 class VOneResNet(nn.Module):

@@ -19,10 +19,14 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     jax.distributed.initialize()
 
 
-def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
-  """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (0 = all)."""
+def make_mesh(num_devices: int = 0, training: bool = False) -> jax.sharding.Mesh:
+  """A 1-D ``('data',)`` mesh over the first ``num_devices`` devices (0 = all;
+  with ``training``, 0 on a CPU host is one device: CPU "devices" are groups
+  of the same cores, where a sharded train step only adds an all-reduce per
+  step, while the evaluation's independent examples gain from them; see
+  ``geomrobust/runtime.py``)."""
   devices = jax.devices()
-  n = num_devices or len(devices)
+  n = num_devices or (1 if training and devices[0].platform == 'cpu' else len(devices))
   if n > len(devices):
     raise ValueError(f'parallel.num_devices={n} but only {len(devices)} devices are visible '
                      f'({devices[0].platform}); use 0 for all')
