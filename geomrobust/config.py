@@ -88,6 +88,11 @@ def default_config() -> ml_collections.ConfigDict:
   eval.attacks         attacks run at every eps: fgsm, noise, pgd (CE),
                        pgd_margin, pgd_dlr, apgd_ce, apgd_dlr. Robust accuracy
                        is the per-example worst case over all of them.
+  eval.cascade         run each iterative attack only on the examples every
+                       earlier attack left robust (the worst case is the same,
+                       at a fraction of the cost); rows then give the robust
+                       accuracy after each attack. False: every attack on
+                       every example (each attack's own accuracy).
   eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (step = this x eps /
                        steps)      PGD settings (all pgd_* attacks).
   eval.apgd_steps, eval.apgd_restarts   APGD settings.

@@ -115,6 +115,35 @@ def test_worst_case_is_the_per_example_minimum_over_attacks(honest):
   assert 'eps0_equals_clean' not in res['sanity']  # sanity=False: only the checks read off the grid
 
 
+def test_the_cascade_gives_the_all_examples_worst_case(honest):
+  """Iterative attacks on the survivors only: the same per-example worst case
+  (and every attack's verdicts, accumulated) as every attack on every example."""
+  params, x, y = honest
+  attacks_ = ('pgd', 'pgd_margin', 'apgd_ce', 'apgd_dlr')
+  full = _run(_mlp, params, x, y, _ev(cascade=False, attacks=attacks_))
+  cascade = _run(_mlp, params, x, y, _ev(cascade=True, attacks=attacks_))
+  order = ('fgsm', 'noise') + attacks_
+  for eps in (0.05, 0.1, 0.2):
+    np.testing.assert_array_equal(cascade['masks'][f'worst_case@{eps:g}'], full['masks'][f'worst_case@{eps:g}'])
+    alive = full['masks']['clean'].copy()
+    for name in order:
+      alive &= full['masks'][f'{name}@{eps:g}']
+      row = next(r for r in cascade['robustness'] if r['attack'] == name and r['eps'] == eps)
+      if name in attacks_:  # cumulative: robust after this attack and every one before it
+        assert row['cascade'] and row['accuracy'] == pytest.approx(alive.mean()), (name, eps)
+        np.testing.assert_array_equal(cascade['masks'][f'{name}@{eps:g}'], alive)
+      else:  # FGSM and noise run on every example: their own accuracy
+        assert 'cascade' not in row and row['accuracy'] == pytest.approx(full['masks'][f'{name}@{eps:g}'].mean())
+  # Faced: what the attacks before it left; the iterative ones faced fewer and fewer examples.
+  faced = [r['attacked'] for r in cascade['robustness'] if r.get('cascade') and r['eps'] == 0.1]
+  assert faced == sorted(faced, reverse=True) and faced[0] < N
+  # The checks keep their names and verdicts (an iterative attack on every example stands in
+  # for the grid's per-attack rows).
+  assert set(cascade['sanity']) == set(full['sanity'])
+  assert all(v['passed'] for v in cascade['sanity'].values()), cascade['sanity']
+  assert 'every example' in cascade['sanity']['iterative_le_single_step']['detail']
+
+
 def test_verdicts_do_not_depend_on_batch_size_subset_or_grid(honest):
   params, x, y = honest
   mesh = parallel.make_mesh(1)

@@ -12,9 +12,14 @@ Checks read the attack grid, and some run attacks of their own:
                            within its sampling error.
   iterative_le_single_step the iterative attacks are at least as strong as
                            FGSM: at each eps, the lowest accuracy among them
-                           is at most FGSM's.
+                           is at most FGSM's. A cascaded grid (``eval.cascade``:
+                           iterative attacks run only on what earlier attacks
+                           left) has no per-attack accuracy to compare, so
+                           there PGD with one restart runs on every example at
+                           the check eps and is compared with FGSM there.
   gradient_le_noise        every gradient attack is at least as strong as
-                           random noise of the same norm.
+                           random noise of the same norm (cascade: FGSM at
+                           every eps, and the PGD above at the check eps).
   large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
                            is reachable; CE and margin loss, worst case per
                            example) drives accuracy to ~0; a model that
@@ -36,7 +41,9 @@ Checks read the attack grid, and some run attacks of their own:
   batch_size_invariance    nothing but float rounding depends on the eval
                            batch size. At the check eps the set is run at the
                            eval batch size a and at another b (a / 2, or 2a
-                           when a covers the set), same per-example keys:
+                           when a covers the set), same per-example keys (the
+                           main attack: the first iterative one; in a cascade
+                           the one-restart PGD above):
                            (1) Clean scores (the logits; for stochastic
                            models the mean probabilities of the EOT vote,
                            same draws) agree to LOGIT_RTOL = 1e-4 of the
@@ -193,8 +200,12 @@ def grid_checks(clean: float, rows: list[dict], recipe_list, n: int, clean_se: f
       checks[name] = _check(gap <= allowed, gap, f'max accuracy({what}) - accuracy({reference}) over eps '
                                                  f'(worst: {where}); tolerance {allowed:.3g}')
 
-  iterative = [r.name for r in recipe_list if r.iterative]
-  gradient = [r.name for r in recipe_list if r.uses_gradient]
+  # A cascaded row is the robust accuracy after its attack *and those before it*, never
+  # above theirs: comparing it with FGSM or noise would pass by construction.
+  # attack_checks compares an iterative attack run on every example instead.
+  cascaded = {r['attack'] for r in rows if r.get('cascade')}
+  iterative = [r.name for r in recipe_list if r.iterative and r.name not in cascaded]
+  gradient = [r.name for r in recipe_list if r.uses_gradient and r.name not in cascaded]
   # The strongest iterative attack per eps against FGSM: masking weakens them
   # all, while one of them alone can fall short of FGSM on an honest, nearly
   # linear model (L2 PGD from a random start turns towards the gradient
@@ -300,10 +311,17 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
     broken = f'breaks {n_broken} more'
 
   # 7. Another batch size: the clean scores, the attack's starts and first steps, its verdicts.
-  main = next((r for r in recipe_list if r.iterative), pgd)
-  ref = masks.get(f'{main.name}@{check_eps:g}')
+  # In a cascade no iterative attack ran on every example: PGD with one restart does, here,
+  # and also stands in for the iterative attacks against FGSM and noise (2 and 3).
+  cascade = any(r.get('cascade') for r in rows or [])
+  main = pgd1 if cascade else next((r for r in recipe_list if r.iterative), pgd)
+  ref = None if cascade else masks.get(f'{main.name}@{check_eps:g}')
   if ref is None:
     ref = runner.mask(main, check_eps)
+  if cascade:
+    for name, check in _all_examples_iterative(rows, main, float(np.mean(ref)), check_eps, n).items():
+      if checks.get(name, {}).get('passed', True):  # a grid failure (FGSM vs noise) stays reported
+        checks[name] = check
   devices = runner.mesh.devices.size
   other = runner.batch_size // 2 // devices * devices
   if other < devices or other >= min(runner.batch_size, n):
@@ -322,6 +340,22 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
     for name in ('frozen_noise_attack', 'eot_doubled'):
       log(f'{tag}sanity {name}: {checks[name]["detail"]}')
   return checks
+
+
+def _all_examples_iterative(rows: list[dict], recipe, accuracy: float, eps: float, n: int) -> dict:
+  """``iterative_le_single_step`` and ``gradient_le_noise`` for a cascaded grid: the
+  accuracy of ``recipe`` (an iterative attack run on every example at ``eps``)
+  against FGSM's and noise's rows at ``eps`` (those always run on every example)."""
+  tol, out = tolerance(n), {}
+  for name, ref_attack in (('iterative_le_single_step', 'fgsm'), ('gradient_le_noise', 'noise')):
+    ref = _row(rows, ref_attack, eps)
+    if ref is None:
+      continue
+    gap = accuracy - ref['accuracy']
+    out[name] = _check(gap <= tol, gap, f'accuracy({recipe.name}, {recipe.steps} steps, every example) - '
+                       f'accuracy({ref_attack}) at eps={eps:g}: {100 * accuracy:.2f}% vs {100 * ref["accuracy"]:.2f}% '
+                       f'(the grid cascades, so this one attack runs on all); tolerance {tol:.3g}')
+  return out
 
 
 def _row(rows: list[dict], attack: str, eps: float) -> dict | None:

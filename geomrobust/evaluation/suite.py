@@ -116,35 +116,46 @@ def _attack_batch(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, params, x, y, k
 
 def correct_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe | None, batch_size: int, mesh, eot: int = 1,
                stochastic: bool = False, with_inputs: bool = False, box=attacks.UNIT_BOX, passes: int = 0):
-  """Jitted ``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``.
+  """``(params, x [N, ...], y [N], idx [N], rng, eps, model_key) -> bool [N]``, compiled per chunk.
 
   Is example ``idx[i]`` still classified correctly after the attack
   (``recipe=None``: clean)? ``model_key=None`` draws the model's noise per
   example (EOT); a key freezes it. A stochastic model with ``passes > 0``
   (and no ``model_key``) returns ``(correct per pass bool [N, P], majority
-  vote correct bool [N])`` instead (:func:`_pass_verdicts`). The set runs in ``batch_size`` chunks by
-  ``lax.map`` inside one program, each chunk sharded over the mesh's 'data'
-  axis; eps is traced, so an eps grid compiles once per recipe.
+  vote correct bool [N])`` instead (:func:`_pass_verdicts`). The set runs in
+  chunks of ``batch_size`` (the last padded by repeating its last example),
+  one compiled program for every chunk, each sharded over the mesh's 'data'
+  axis; eps is traced, so an eps grid compiles once per recipe, and any
+  subset (the cascade's survivors) reuses the same program: an example's
+  verdict is computed by the same arithmetic whichever set it is in.
   ``with_inputs``: also return the attacked inputs ``[N, ...]``.
   """
 
+  def chunk(params, xb, yb, ib, rng, eps, model_key):
+    xb, yb, ib = parallel.shard_batch((xb, yb, ib), mesh)
+    keys = _example_keys(rng, ib)
+    if recipe is not None:
+      xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
+                         eps, model_key, box=box)
+    pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
+    if stochastic and passes and model_key is None:
+      correct = _pass_verdicts(apply_fn, params, xb, yb, pred_keys, passes)
+    else:
+      correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
+    return (correct, xb) if with_inputs else correct
+
+  chunk = jax.jit(chunk)
+
   def run(params, x, y, idx, rng, eps, model_key):
-    def chunk(inp):
-      xb, yb, ib = parallel.shard_batch(inp, mesh)
-      keys = _example_keys(rng, ib)
-      if recipe is not None:
-        xb = _attack_batch(apply_fn, recipe, params, xb, yb, jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
-                           eps, model_key, box=box)
-      pred_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 2)
-      if stochastic and passes and model_key is None:
-        correct = _pass_verdicts(apply_fn, params, xb, yb, pred_keys, passes)
-      else:
-        correct = _predict(apply_fn, params, xb, pred_keys, eot, stochastic, model_key) == yb
-      return (correct, xb) if with_inputs else correct
+    n = int(y.shape[0])
+    pad = -n % batch_size
+    if pad:
+      x, y, idx = (jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) for a in (x, y, idx))
+    outs = [chunk(params, x[i:i + batch_size], y[i:i + batch_size], idx[i:i + batch_size], rng, eps, model_key)
+            for i in range(0, n + pad, batch_size)]
+    return jax.tree.map(lambda *o: jnp.concatenate(o)[:n], *outs)
 
-    return batching.map_batches(chunk, (x, y, idx), batch_size)
-
-  return jax.jit(run)
+  return run
 
 
 def losses_fn(apply_fn: ApplyFn, recipe: recipes_lib.Recipe, mesh, eot: int = 1, box=attacks.UNIT_BOX):
@@ -356,7 +367,8 @@ class _Runner:
         return Verdicts(np.zeros((0,), bool))
       sel = jnp.asarray(subset, jnp.int32)
       x, y, idx = x[sel], y[sel], idx[sel]
-    bs = self.chunk_size(bs, int(idx.shape[0]))
+    # The full set's chunk even for a subset: the same program, so the same verdicts.
+    bs = self.chunk_size(bs, self.n)
     passes = self.passes if model_key is None else 0
     fn = self.evaluator.correct_fn(self.apply_fn, recipe, bs, self.mesh, self.eot, self.stochastic,
                                    with_inputs=with_inputs, box=self.box, passes=passes)
@@ -454,19 +466,33 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   log(f'{tag}clean accuracy {_show(clean_stats)} on {n} examples')
   rows, masks, verdicts = [], {'clean': clean_mask}, {'clean': clean_v}
   eps_grid = sorted({float(e) for e in ev.eps})
+  # The cascade (deterministic models): per eps, the examples every attack so far left robust.
+  cascade = bool(ev.get('cascade', False)) and not stochastic
+  alive = {eps: np.asarray(clean_mask, bool).copy() for eps in eps_grid}
   for recipe in recipe_list:
     for eps in eps_grid:
       t0 = time.perf_counter()
       key = f'{recipe.name}@{eps:g}'
-      if (recipe.name, eps) in keep:
-        v, adversarial[key] = runner.verdicts(recipe, eps, with_inputs=True)
+      row = dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts, eot=eot)
+      note = ''
+      if cascade and recipe.iterative and (recipe.name, eps) not in keep:
+        # Only the survivors face it; its mask and row are the robust set after it (cumulative).
+        faced = np.flatnonzero(alive[eps])
+        survived = runner.mask(recipe, eps, subset=faced)
+        alive[eps][faced] = survived
+        v = Verdicts(alive[eps].copy())
+        row.update(cascade=True, attacked=int(len(faced)), broke=int(len(faced) - survived.sum()))
+        note = f' after it and those before (faced {len(faced)}, broke {row["broke"]})'
       else:
-        v = runner.verdicts(recipe, eps)
+        if (recipe.name, eps) in keep:
+          v, adversarial[key] = runner.verdicts(recipe, eps, with_inputs=True)
+        else:
+          v = runner.verdicts(recipe, eps)
+        alive[eps] &= np.asarray(v.mask, bool)
       masks[key], verdicts[key] = v.mask, v
       stats = accuracy_stats(v)
-      rows.append(dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts,
-                       eot=eot, **stats))
-      log(f'{tag}{recipe.name:>10} eps={eps:<7g} accuracy {_show(stats)}  ({time.perf_counter() - t0:.1f} s)')
+      rows.append(dict(row, **stats))
+      log(f'{tag}{recipe.name:>10} eps={eps:<7g} accuracy {_show(stats)}{note}  ({time.perf_counter() - t0:.1f} s)')
   for eps in eps_grid:
     worst = worst_case([verdicts['clean']] + [verdicts[f'{r.name}@{eps:g}'] for r in recipe_list])
     verdicts[f'worst_case@{eps:g}'] = worst
