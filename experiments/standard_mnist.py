@@ -41,7 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.lr = 1e-3
   profiles.apply_profile(c.eval, 'mnist_linf')
   c.eval.num_examples = 500    # the strong profile costs ~1,200 CNN gradients per example and eps on a CPU
-  c.eval.batch_size = 500
+  c.eval.batch_size = 100     # 50 per CPU device: the attacks run fastest at this size (geomrobust.bench)
   c.eval.eps = (0.1, 0.2, 0.3)
   c.settings = ml_collections.ConfigDict({'full': FULL_MODEL + ('eval.num_examples=0', 'train.epochs=10')})
   return c

@@ -19,7 +19,8 @@ Sweep fields (``config.sweep``):
                     constant (``models.traced_fields``, e.g. model.noise_scale).
   grid              its values.  seeds: seeds ``config.seed, config.seed+1, ...`` (a count).
   stacked           train each group as one vmapped program (else one by one).
-  chunk_size        values per vmapped chunk (0 = the whole grid at once).
+  chunk_size        values per vmapped chunk (0 = chosen: one per device on a CPU, the
+                    whole grid on an accelerator; training/sweep.py auto_chunk_size).
   baseline          a member spec ``'name: key=value; ...'`` trained over the same seeds ('' = none).
   member, name      in a *family* experiment: sweep that member's config
                     (``member_sweep``) into ``<workdir>/<name>`` after the

@@ -14,12 +14,29 @@ MNIST CNN of ``standard_mnist`` / ``madry_mnist``, in attacked examples per
 second, through the shared evaluation's own compiled attack (so a slowdown of
 the evaluation shows up here).
 
+Side by side (``--sections=compare``): the same PGD-40 / APGD-CE-40 (MNIST
+CNN, batch 500, L-inf eps 0.3) and wide-MLP training (784-1000-1000-10,
+batch 128, Adam) workloads in PyTorch + torchattacks (``torch_side.py``),
+timed in interleaved rounds in this one run (PyTorch at 1 thread and at one
+per core, the better kept), with the ratios. Without torch and torchattacks
+it prints how to install them.
+
+Compilation cache (``--sections=cache``): a ``standard_mnist --smoke`` run
+(on generated MNIST-shaped files) in a fresh process with an empty
+compilation cache, then again with the cache it filled: cold vs warm
+seconds (``geomrobust/runtime.py``).
+
 Sweep cost: the local-contrastive reference recipe (784-1000-10, 1,000
 training images, batch 50) trained as a 1-point and as a 50-point vmapped
 d_F sweep (``training.sweep``), all members vmapped at once and chunked one
 by one inside the same program: seconds per epoch of each phase after
 compilation, the full 100 + 100-epoch run those imply, and the sweep's cost
-relative to 50 separate runs.
+relative to 50 separate runs, and the chunk size ``sweep.chunk_size=0``
+now chooses on this machine (``training.sweep.auto_chunk_size``).
+
+Like ``launch.py``, the benchmark runs on the CPU host split into XLA devices
+(``geomrobust/runtime.py``): the evaluation's attacks use all of them,
+training one.
 
 MFTMA: the reference implementation's README case (100 manifolds, each
 ``randn(5000, 50)`` after ``np.random.seed(0)``, kappa 0, n_t 200) through
@@ -34,6 +51,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -44,6 +65,8 @@ import numpy as np
 from geomrobust import config as config_lib
 from geomrobust import models
 from geomrobust import parallel
+from geomrobust import runtime
+from geomrobust.bench import torch_side
 from geomrobust.methods import build_method
 from geomrobust.training import loop
 
@@ -68,10 +91,10 @@ def _mlp_config(hidden, batch, method, activation):
   return cfg
 
 
-def train_epoch_benchmark(hidden, batch, method='standard', activation='relu', n_train=60000, repeats=3):
-  """Seconds per compiled epoch on random MNIST-shaped data (best of ``repeats``)."""
+def train_epoch_workload(hidden, batch, method='standard', activation='relu', n_train=60000):
+  """``(run, steps)``: ``run()`` trains one compiled epoch on random MNIST-shaped data (blocking)."""
   cfg = _mlp_config(hidden, batch, method, activation)
-  mesh = parallel.make_mesh(0)
+  mesh = parallel.make_mesh(0, training=True)
   m = build_method(cfg, models.build_model(cfg.model, 10), 10)
   (phase,) = m.phases()
   rng = np.random.default_rng(0)
@@ -93,6 +116,12 @@ def train_epoch_benchmark(hidden, batch, method='standard', activation='relu', n
     jax.block_until_ready(metrics)
 
   run()  # compile
+  return run, steps
+
+
+def train_epoch_benchmark(hidden, batch, method='standard', activation='relu', n_train=60000, repeats=3):
+  """Seconds per compiled epoch on random MNIST-shaped data (best of ``repeats``)."""
+  run, steps = train_epoch_workload(hidden, batch, method, activation, n_train)
   return _best_time(run, repeats), steps
 
 
@@ -133,9 +162,12 @@ def matmul_roofline(sizes, batch, steps, repeats=3) -> float:
   return mlp_train_flops(sizes, batch) * steps / t
 
 
-def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, int, float]]:
-  """``[(name, steps, examples/s)]`` for PGD-CE and APGD-CE on the MNIST CNN (random weights
-  and inputs: the cost of an attack does not depend on them)."""
+def attack_workloads(n=1000, batch=500, steps=40, eps=0.3) -> dict:
+  """``{'pgd': run, 'apgd_ce': run}``: PGD-CE and APGD-CE (one restart, L-inf) on
+  ``n`` inputs of the MNIST CNN through the shared evaluation's own compiled
+  attack, compiled already (random weights and inputs: an attack's cost does
+  not depend on them; labels are the model's predictions, as on the PyTorch
+  side)."""
   from geomrobust import evaluation
   from geomrobust.evaluation import suite
   cfg = config_lib.load_experiment('standard_mnist')
@@ -143,20 +175,105 @@ def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, 
   params = method.init_params(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.uniform(size=(n, 28, 28, 1)), jnp.float32)
-  y = jnp.asarray(rng.integers(0, 10, size=n), jnp.int32)
+  y = jnp.argmax(method.logits(params, x, None), -1).astype(jnp.int32)
   ev = cfg.eval
   with ev.unlocked():
     ev.pgd_steps, ev.pgd_restarts, ev.apgd_steps, ev.apgd_restarts = steps, 1, steps, 1
   mesh = parallel.make_mesh(0)
+  rep = parallel.replicated(mesh)
+  params, x, y = jax.device_put((params, x, y), rep)
   available = evaluation.recipes.available(ev)
-  out = []
-  for name, label in (('pgd', f'PGD-{steps} (CE)'), ('apgd_ce', f'APGD-CE-{steps}')):
-    run = suite.correct_fn(method.logits, available[name], batch, mesh)
-    args = (params, x, y, jnp.arange(n), jax.random.key(0), jnp.float32(0.3), None)
-    jax.block_until_ready(run(*args))  # compile
-    t = _best_time(lambda: jax.block_until_ready(run(*args)), repeats)
-    out.append((label, steps, n / t))
+  out = {}
+  for name in ('pgd', 'apgd_ce'):
+    fn = suite.correct_fn(method.logits, available[name], batch, mesh)
+    args = (params, x, y, jnp.arange(n), jax.random.key(0), jnp.float32(eps), None)
+    out[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+    out[name]()  # compile
   return out
+
+
+ATTACK_LABELS = {'pgd': 'PGD-{steps} (CE)', 'apgd_ce': 'APGD-CE-{steps}'}
+
+
+def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, int, float]]:
+  """``[(name, steps, examples/s)]`` for PGD-CE and APGD-CE on the MNIST CNN."""
+  return [(ATTACK_LABELS[name].format(steps=steps), steps, n / _best_time(run, repeats))
+          for name, run in attack_workloads(n, batch, steps).items()]
+
+
+def interleaved(workloads: dict, repeats: int) -> dict:
+  """Best seconds of each ``workloads[name]()`` over ``repeats`` rounds, every round
+  running each workload once in turn (so a busy spell of a shared machine
+  slows all of them, not one)."""
+  times = {name: [] for name in workloads}
+  for _ in range(repeats):
+    for name, run in workloads.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  return {name: min(t) for name, t in times.items()}
+
+
+def compare(repeats=3, n=500, batch=500, steps=40, n_train=20000, log=print) -> dict | None:
+  """The side-by-side section: geomrobust vs PyTorch (+ torchattacks) on the same
+  workloads, interleaved; returns ``{workload: (ours ex/s, theirs ex/s, threads)}``,
+  or None (and says how to enable it) when torch or torchattacks is missing."""
+  absent = torch_side.missing()
+  if absent:
+    log(f'side by side with PyTorch: skipped ({absent} not installed); enable it with: {torch_side.INSTALL_HINT}')
+    return None
+  import torch
+  ours = attack_workloads(n, batch, steps)
+  theirs = torch_side.attack_workloads(n, batch, steps)
+  mlp_batch = 128
+  ours['mlp'], mlp_steps = train_epoch_workload((1000, 1000), mlp_batch, n_train=n_train)
+  theirs['mlp'] = torch_side.mlp_train_workload(n_train, mlp_batch)
+  examples = {'pgd': n, 'apgd_ce': n, 'mlp': mlp_steps * mlp_batch}
+  best = {}
+  for threads in sorted({1, runtime.usable_cores()}):
+    torch_side.set_threads(threads)
+    for name, run in theirs.items():
+      run()  # warm-up at this thread count
+    runs = {('ours', k): v for k, v in ours.items()}
+    runs.update({('torch', k): v for k, v in theirs.items()})
+    for (side, name), t in interleaved(runs, repeats).items():
+      key = (side, name)
+      rate = examples[name] / t
+      if key not in best or rate > best[key][0]:
+        best[key] = (rate, threads if side == 'torch' else None)
+  labels = {'pgd': f'PGD-{steps} (CE), MNIST CNN, batch {batch}', 'apgd_ce': f'APGD-CE-{steps}, MNIST CNN, batch {batch}',
+            'mlp': f'wide MLP 784-1000-1000-10 training, batch {mlp_batch}'}
+  out = {}
+  log(f'side by side, interleaved rounds (best of {repeats}), PyTorch {torch.__version__} CPU at its better of '
+      f'1 / {runtime.usable_cores()} threads:')
+  for name, label in labels.items():
+    (mine, _), (other, threads) = best['ours', name], best['torch', name]
+    out[name] = (mine, other, threads)
+    log(f'  {label}: geomrobust {mine:,.0f} ex/s, PyTorch {other:,.0f} ex/s ({threads} thread'
+        f'{"s" if threads > 1 else ""}) -> {mine / other:.2f}x')
+  return out
+
+
+def smoke_cold_warm(log=print) -> tuple[float, float]:
+  """Wall seconds of ``launch.py --experiment=standard_mnist --smoke`` (generated
+  MNIST-shaped files) in a fresh process with an empty compilation cache, then
+  again with the cache the first run filled."""
+  from geomrobust.data import testing
+  repo = pathlib.Path(__file__).resolve().parents[2]
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = pathlib.Path(tmp)
+    testing.write_idx_dataset(tmp / 'data' / 'mnist', n_train=256, n_test=128, seed=0)
+    env = dict(os.environ, GEOMROBUST_CACHE_DIR=str(tmp / 'cache'))
+    times = []
+    for i in range(2):
+      cmd = [sys.executable, str(repo / 'launch.py'), '--experiment=standard_mnist', '--smoke',
+             f'--data_dir={tmp / "data"}', '--config.data.verify=False', f'--workdir={tmp / f"run{i}"}']
+      t0 = time.perf_counter()
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=repo)
+      times.append(time.perf_counter() - t0)
+      if proc.returncode:
+        raise RuntimeError(f'smoke run failed: {proc.stderr[-2000:]}')
+  return times[0], times[1]
 
 
 def sweep_epoch_seconds(points: int, epochs: int = 3, chunk_size: int = 0) -> dict[str, float]:
@@ -197,16 +314,39 @@ def mftma_benchmark(repeats=3) -> dict:
   return dict(out, first=first, warm=warm, data_dimension_seconds=time.perf_counter() - t0, **dims)
 
 
+SECTIONS = ('train', 'attack', 'compare', 'cache', 'sweep', 'mftma')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=3, help='timed repetitions (best is reported)')
   parser.add_argument('--n_train', type=int, default=60000, help='examples per benchmark epoch')
-  parser.add_argument('--sections', default='train,attack,sweep,mftma',
-                      help='comma-separated subset of: train, attack, sweep, mftma')
+  parser.add_argument('--sections', default=','.join(SECTIONS),
+                      help=f'comma-separated subset of: {", ".join(SECTIONS)}')
+  parser.add_argument('--cpu_devices', type=int, default=0, help='XLA devices on a CPU host (0: automatic; '
+                      'see geomrobust/runtime.py)')
+  parser.add_argument('--smoke', action='store_true', help='tiny workloads (checks that every section runs; '
+                      'the numbers mean nothing)')
   args = parser.parse_args(argv)
   sections = set(args.sections.split(','))
+  unknown = sections - set(SECTIONS)
+  if unknown:
+    parser.error(f'unknown section(s) {", ".join(sorted(unknown))}; choose from {", ".join(SECTIONS)}')
+  # No persistent cache here: the benchmark times compilation where it reports it.
+  runtime.configure(args.cpu_devices, compilation_cache=False)
   dev = jax.devices()
-  print(f'devices: {len(dev)} x {dev[0].platform} ({dev[0].device_kind}); host cores: {os.cpu_count()}')
+  print(f'devices: {len(dev)} x {dev[0].platform} ({dev[0].device_kind}); host cores: {runtime.usable_cores()}')
+
+  if 'compare' in sections:
+    if args.smoke:
+      compare(repeats=1, n=8, batch=8, steps=2, n_train=256)
+    else:
+      compare(repeats=args.repeats)
+
+  if 'cache' in sections:
+    cold, warm = smoke_cold_warm()
+    print(f'standard_mnist --smoke in a fresh process: {cold:.1f} s with an empty compilation cache, {warm:.1f} s '
+          f'with the cache it filled ({100 * (1 - warm / cold):.0f}% less)')
 
   if 'train' in sections:
     t, steps = train_epoch_benchmark((100,) * 5, 100, method='isometric', activation='tanh',
@@ -232,17 +372,21 @@ def main(argv=None):
 
   if 'sweep' in sections:
     # (points, chunk_size): one run; 50 points vmapped at once; 50 points one after another in one program.
-    cases = {(1, 0): '1 d_F point', (50, 0): '50 d_F points, all vmapped', (50, 1): '50 d_F points, chunk_size=1'}
+    cases = {(1, 1): '1 d_F point', (50, 50): '50 d_F points, all vmapped', (50, 1): '50 d_F points, chunk_size=1'}
     full = {}
     for (points, chunk), label in cases.items():
       phases = sweep_epoch_seconds(points, chunk_size=chunk)
       full[points, chunk] = 100 * sum(phases.values())
       print(f'local-contrastive sweep, {label}: ' + ', '.join(f'{k} {t:.3f} s/epoch' for k, t in phases.items()) +
             f' -> {full[points, chunk]:.0f} s for the 100 + 100-epoch recipe')
-    for chunk in (0, 1):
-      ratio = full[50, chunk] / full[1, 0]
+    for chunk in (50, 1):
+      ratio = full[50, chunk] / full[1, 1]
       print(f'50-point sweep (chunk_size={chunk}) / 1-point run: {ratio:.1f}x the time for 50x the models '
             f'({ratio / 50:.2f} of 50 separate runs)')
+    from geomrobust.training import sweep as sweep_lib
+    auto = sweep_lib.auto_chunk_size(50, parallel.make_mesh(0, training=True))
+    cost = f'{full[50, auto] / full[1, 1] / 50:.2f} of 50 separate runs' if (50, auto) in full else 'not timed here'
+    print(f'sweep.chunk_size=0 (automatic) chooses chunk_size={auto} for 50 points on this machine ({cost})')
 
   if 'mftma' in sections:
     r = mftma_benchmark(repeats=args.repeats)
