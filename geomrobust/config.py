@@ -92,7 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
                        earlier attack left robust (the worst case is the same,
                        at a fraction of the cost); rows then give the robust
                        accuracy after each attack. False: every attack on
-                       every example (each attack's own accuracy).
+                       every example (each attack's own accuracy). Stochastic
+                       models never cascade: their worst case is per example
+                       over all attacks' pass verdicts (evaluation/suite.py).
   eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (step = this x eps /
                        steps)      PGD settings (all pgd_* attacks).
   eval.apgd_steps, eval.apgd_restarts   APGD settings.

@@ -20,7 +20,9 @@
   ``$GEOMROBUST_CACHE_DIR/jax`` (default ``~/.cache/geomrobust/jax``, next to
   the dataset cache), so a rerun, a resume or ``--evaluate`` of the same
   experiment loads its attacks and train steps instead of compiling them
-  again. ``--nocompilation_cache`` turns it off.
+  again. ``--nocompilation_cache`` turns it off. A cache folder set in the
+  environment (``JAX_COMPILATION_CACHE_DIR``, e.g. the test suite's shared
+  one) wins, and so do ``JAX_PERSISTENT_CACHE_MIN_*`` thresholds.
 """
 
 from __future__ import annotations
@@ -71,10 +73,14 @@ def configure(cpu_devices: int = 0, compilation_cache: bool = True) -> dict:
     out['cpu_devices'] = cpu_devices or default_cpu_devices()
     jax.config.update('jax_num_cpu_devices', out['cpu_devices'])
   if compilation_cache:
-    folder = compilation_cache_dir()
+    folder = pathlib.Path(os.environ.get('JAX_COMPILATION_CACHE_DIR') or compilation_cache_dir())
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', str(folder))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+    if not os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'):
+      jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_SECONDS)
+    if not os.environ.get('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'):
+      jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
     out['compilation_cache'] = str(folder)
+  else:
+    jax.config.update('jax_compilation_cache_dir', None)
   return out

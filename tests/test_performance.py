@@ -116,7 +116,7 @@ print(json.dumps(dict(set=set_, devices=jax.device_count(), train=parallel.make_
 
 def test_compilation_cache_is_used_on_the_second_run(tmp_path):
   env_min = dict(GEOMROBUST_CACHE_DIR=str(tmp_path), JAX_NUM_CPU_DEVICES=None, XLA_FLAGS=None, JAX_PLATFORMS='cpu',
-                 PYTHONPATH=REPO)
+                 PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=None, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=None)
   script = _RUNTIME.format(devices=2).replace('set_ = ', 'from geomrobust import runtime as r; '
                                               'r.MIN_COMPILE_SECONDS = 0.0\nset_ = ')
   first = _subprocess(script, env_min)

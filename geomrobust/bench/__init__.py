@@ -264,6 +264,7 @@ def smoke_cold_warm(log=print) -> tuple[float, float]:
     tmp = pathlib.Path(tmp)
     testing.write_idx_dataset(tmp / 'data' / 'mnist', n_train=256, n_test=128, seed=0)
     env = dict(os.environ, GEOMROBUST_CACHE_DIR=str(tmp / 'cache'))
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)  # (it would win over the empty cache)
     times = []
     for i in range(2):
       cmd = [sys.executable, str(repo / 'launch.py'), '--experiment=standard_mnist', '--smoke',
@@ -289,7 +290,7 @@ def sweep_epoch_seconds(points: int, epochs: int = 3, chunk_size: int = 0) -> di
   x = rng.integers(0, 256, size=(1000, 28, 28, 1), dtype=np.uint8)
   y = (np.arange(1000) % 10).astype(np.int32)
   grid = sweep_lib.Grid('d_f', tuple(float(v) for v in np.linspace(0, 1.2, points)), (0,))
-  res = sweep_lib.train_sweep(method, grid, x, y, x[:100], y[:100], cfg, None, parallel.make_mesh(0),
+  res = sweep_lib.train_sweep(method, grid, x, y, x[:100], y[:100], cfg, None, parallel.make_mesh(0, training=True),
                               chunk_size=chunk_size, mean_last=0, log=lambda s: None)
   return {k: (res.phase_seconds[k] - res.first_epoch_seconds[k]) / (epochs - 1) for k in res.phase_seconds}
 

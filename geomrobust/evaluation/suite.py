@@ -433,7 +433,12 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   Returns:
     dict with ``clean_accuracy``, ``robustness`` rows (one per attack and eps,
     and a ``worst_case`` row per eps: an example is robust only if it survives
-    every attack), ``masks`` ({'attack@eps': bool [N]}), ``sanity`` (named
+    every attack; with ``eval.cascade`` a deterministic model's iterative
+    attacks run only on the examples the attacks before them left robust, and
+    their rows carry ``cascade=True``, ``attacked`` (examples faced),
+    ``broke`` and as ``accuracy`` the robust accuracy after them and every
+    attack before them), ``masks`` ({'attack@eps': bool [N]}; cascaded: robust
+    after it and those before), ``sanity`` (named
     checks: passed, value, detail), ``convergence`` (attack loss per step for a
     few examples), ``adversarial`` ({'attack@eps': float32 [N, ...]} attacked
     inputs, for the ``keep_inputs`` pairs ``(attack name, eps)`` only) and

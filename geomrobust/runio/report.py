@@ -107,6 +107,11 @@ def _robustness_table(results: dict) -> list[str]:
   for e in eps_all:
     cells = [_pct(dict(curves[n]).get(e)) for n in names]
     lines.append(f'| {e:g} | ' + ' | '.join(cells) + ' |')
+  cascaded = [n for n in names if any(r.get('cascade') for r in results['robustness'] if r['attack'] == n)]
+  if cascaded:
+    lines += ['', f'Cascade (eval.cascade): {", ".join(cascaded)} ran only on the examples every column to '
+                  'their left left robust, so each of these columns is the robust accuracy after that attack '
+                  'and all before it; worst_case is the same as running every attack on every example.']
   return lines
 
 
