@@ -454,7 +454,9 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
                      f'random); got {passes}: pass --config.eval.passes={MIN_PASSES}')
   recipe_list = recipes_lib.resolve(ev, eot)
   n = int(len(labels))
-  parallel.check_batch_size(min(int(ev.batch_size), n), mesh, 'eval.batch_size')
+  # The configured size must split over the devices; a smaller set runs in a chunk rounded down to
+  # a multiple of the device count (_Runner.chunk_size), padded, so any number of examples works.
+  parallel.check_batch_size(int(ev.batch_size), mesh, 'eval.batch_size')
   rep = parallel.replicated(mesh)
   # The parameters too: a model trained on another mesh (on a CPU host, training uses one of the
   # host's devices and the evaluation all of them) is copied to every device of this one.
