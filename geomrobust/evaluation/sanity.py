@@ -16,10 +16,10 @@ Checks read the attack grid, and some run attacks of their own:
                            iterative attacks run only on what earlier attacks
                            left) has no per-attack accuracy to compare, so
                            there PGD with one restart runs on every example at
-                           the check eps and is compared with FGSM there.
+                           every grid eps and is compared with FGSM.
   gradient_le_noise        every gradient attack is at least as strong as
-                           random noise of the same norm (cascade: FGSM at
-                           every eps, and the PGD above at the check eps).
+                           random noise of the same norm (cascade: FGSM and
+                           the one-restart PGD above).
   large_eps_to_zero        PGD at a huge eps (1.0 in linf on [0,1]: any image
                            is reachable; CE and margin loss, worst case per
                            example) drives accuracy to ~0; a model that
@@ -319,7 +319,10 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   if ref is None:
     ref = runner.mask(main, check_eps)
   if cascade:
-    for name, check in _all_examples_iterative(rows, main, float(np.mean(ref)), check_eps, n).items():
+    # At every grid eps (masking can show at one eps only): accuracy of the one-restart PGD on all.
+    accuracy = {e: (float(np.mean(ref)) if e == check_eps else float(np.mean(runner.mask(main, e))))
+                for e in sorted({float(r['eps']) for r in rows if r['eps'] > 0})}
+    for name, check in _all_examples_iterative(rows, main, accuracy, n).items():
       if checks.get(name, {}).get('passed', True):  # a grid failure (FGSM vs noise) stays reported
         checks[name] = check
   devices = runner.mesh.devices.size
@@ -342,19 +345,21 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   return checks
 
 
-def _all_examples_iterative(rows: list[dict], recipe, accuracy: float, eps: float, n: int) -> dict:
+def _all_examples_iterative(rows: list[dict], recipe, accuracy: dict, n: int) -> dict:
   """``iterative_le_single_step`` and ``gradient_le_noise`` for a cascaded grid: the
-  accuracy of ``recipe`` (an iterative attack run on every example at ``eps``)
-  against FGSM's and noise's rows at ``eps`` (those always run on every example)."""
+  accuracy of ``recipe`` (an iterative attack run on every example; ``accuracy``
+  maps eps to it) against FGSM's and noise's rows (those always run on every
+  example); the eps nearest failing is reported."""
   tol, out = tolerance(n), {}
   for name, ref_attack in (('iterative_le_single_step', 'fgsm'), ('gradient_le_noise', 'noise')):
-    ref = _row(rows, ref_attack, eps)
-    if ref is None:
+    gaps = [(acc - ref['accuracy'], eps, acc, ref['accuracy']) for eps, acc in accuracy.items()
+            if (ref := _row(rows, ref_attack, eps)) is not None]
+    if not gaps:
       continue
-    gap = accuracy - ref['accuracy']
-    out[name] = _check(gap <= tol, gap, f'accuracy({recipe.name}, {recipe.steps} steps, every example) - '
-                       f'accuracy({ref_attack}) at eps={eps:g}: {100 * accuracy:.2f}% vs {100 * ref["accuracy"]:.2f}% '
-                       f'(the grid cascades, so this one attack runs on all); tolerance {tol:.3g}')
+    gap, eps, acc, ref_acc = max(gaps)
+    out[name] = _check(gap <= tol, gap, f'max over eps of accuracy({recipe.name}, {recipe.steps} steps, every '
+                       f'example) - accuracy({ref_attack}); worst at eps={eps:g}: {100 * acc:.2f}% vs '
+                       f'{100 * ref_acc:.2f}% (the grid cascades, so this one attack runs on all); tolerance {tol:.3g}')
   return out
 
 

@@ -94,9 +94,9 @@ def _padded(x, padding):
 def _patches(x, kh: int, kw: int, padding) -> jax.Array:
   """[B, H, W, C] -> [B, H', W', kh * kw * C]: the input under each output pixel,
   ordered (i, j, c) like ``kernel.reshape(kh * kw * C, O)``."""
-  # Materialised once: otherwise XLA fuses x's producer (e.g. an attack's projection) into
-  # each of the kh * kw slices below and computes it kh * kw times.
-  xp = jax.lax.optimization_barrier(_padded(x, padding))
+  # XLA fuses an elementwise producer of x into each of the kh * kw slices below (it computes
+  # it kh * kw times): callers that run this in a loop pass a loop variable (attacks/apgd.py).
+  xp = _padded(x, padding)
   ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
   taps = [xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)]
   return jnp.concatenate(taps, axis=-1)
@@ -122,7 +122,7 @@ def _patches_bwd(padding, res, g):
   # d/dpatches = g K^T. Tap (i, j) of output pixel (y, x) was cut from padded-input pixel
   # (y + i, x + j): padding the taps' pixels by the kernel size makes every tap's
   # contribution one slice, and the input gradient one sum of kh * kw slices.
-  d_taps = jax.lax.optimization_barrier((g @ kernel.reshape(kh * kw * c, o).T).reshape(b, ho, wo, kh * kw, c))
+  d_taps = (g @ kernel.reshape(kh * kw * c, o).T).reshape(b, ho, wo, kh * kw, c)
   d_taps = jnp.pad(d_taps, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0), (0, 0)))
   hp, wp = h + top + bottom, w + left + right
   dxp = sum(d_taps[:, kh - 1 - t // kw:kh - 1 - t // kw + hp, kw - 1 - t % kw:kw - 1 - t % kw + wp, t]
