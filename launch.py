@@ -31,6 +31,9 @@ flags.DEFINE_string('experiments_dir', None, 'A folder of your own experiment fi
 flags.DEFINE_string('workdir', None, 'Run folder (default: runs/<experiment>, or runs/<experiment>_smoke).')
 flags.DEFINE_string('data_dir', None, 'Folder with the canonical dataset files (or one sub-folder per '
                     'dataset), e.g. ../shared/data. Default: $GEOMROBUST_DATA_DIR, then tfds, then download.')
+flags.DEFINE_list('reuse', [], 'Comma-separated finished run folders (or folders holding them) whose models a '
+                  'family, e.g. compare_mnist, adopts instead of retraining a member with the identical training '
+                  'config (evaluated with this experiment\'s evaluation unless that is the same too).')
 flags.DEFINE_bool('list', False, 'List the experiments, one line each, and exit.')
 flags.DEFINE_string('setting', None, 'A named setting of the experiment (e.g. full: the paper-sized run for '
                     'accelerators); --show_config lists them under "settings".')
@@ -119,9 +122,12 @@ def main(argv):
       return
     workdir = FLAGS.workdir or f'runs/{FLAGS.experiment}{"_smoke" if FLAGS.smoke else ""}'
     try:
-      exp_lib.run_experiment(config, workdir, FLAGS.data_dir)
+      top = exp_lib.run_experiment(config, workdir, FLAGS.data_dir, reuse=tuple(FLAGS.reuse))
     except NonFiniteLoss as e:
       _fail(f'{e}: {_rerun_command(workdir, float(config.train.lr) / 10)}')
+    if top and top.get('failed'):
+      _fail(f'{len(top["failed"])} member(s) failed ({", ".join(f["name"] for f in top["failed"])}); the others '
+            f'are in {workdir}/results.json and report.md; rerunning the same command retries the failed ones')
   except (config_lib.ConfigError, data_lib.DataError, TrainingError, ValueError, FileNotFoundError) as e:
     _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 

@@ -125,7 +125,14 @@ def default_config() -> ml_collections.ConfigDict:
                        ``--config.probes.isometry.examples=500``.
   members              'name: key=value; ...' strings, for experiments that train a
                        family (key=value as in --config.key=value; a section takes
-                       a dict literal: 'cnn: model={"name": "cnn", ...}').
+                       a dict literal: 'cnn: model={"name": "cnn", ...}'). A member
+                       may start from another experiment's config:
+                       'pgd_at: experiment=madry_mnist; train.epochs=2' (or
+                       experiment=NAME/MEMBER, plus setting=S); it then takes
+                       the sections listed in ``shared`` from this config.
+  shared               (families with experiment= members) the sections such
+                       members take from the family: default dataset, data,
+                       eval, probes, parallel, seed (``SHARED_SECTIONS``).
   only                 comma-separated member names to run (empty = all).
   settings             named bundles of overrides an experiment offers, e.g.
                        ``{'full': ('train.epochs=100', ...)}``; ``--setting=full``
@@ -708,14 +715,26 @@ def _split_top(text: str, sep: str) -> list[str]:
   return out + [''.join(cur)]
 
 
+# What a member taken from another experiment (``experiment=NAME`` in its
+# spec) gets from the family rather than from NAME: the data it is judged on,
+# the evaluation, the probes and the seed (a family sets ``config.shared`` to change it).
+SHARED_SECTIONS = ('dataset', 'data', 'eval', 'probes', 'parallel', 'seed')
+# Member-spec keys that choose a member's base config instead of overriding a field.
+BASE_KEYS = ('experiment', 'setting')
+
+
 def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, ml_collections.ConfigDict]]:
   """Expands ``config.members`` into ``[(name, overrides, member_config)]``.
 
   ``config.members`` is an ordered tuple of ``'name: key=value; key=value'``
   strings; each member is the experiment config with those overrides (parsed
-  and type-checked like ``--config.key=value``). ``config.only``
-  (comma-separated names) restricts the list. An experiment without members is
-  a single member named ``''``.
+  and type-checked like ``--config.key=value``). A spec may start from
+  another experiment instead (composition, not copy, see
+  :func:`_member_base`): ``'pgd_at: experiment=madry_mnist; train.epochs=2'``
+  or ``experiment=ascl_mnist/ascl_leaking`` (one member of a family), with
+  ``setting=NAME`` to apply that experiment's setting. ``config.only``
+  (comma-separated names) restricts the list. An experiment without members
+  is a single member named ``''``.
   """
   base = copy.deepcopy(config)
   with base.unlocked():
@@ -731,8 +750,67 @@ def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, m
   for n in only:
     if n not in names:
       raise ConfigError(f'--config.only names unknown member {n!r}; members: {", ".join(names)}')
-  return [(name, dict(overrides), _smoke_member(config, apply_overrides(base, overrides, where=f'member {name!r}')))
-          for name, overrides in specs if not only or name in only]
+  out = []
+  for name, overrides in specs:
+    if only and name not in only:
+      continue
+    start, rest = _member_base(config, base, name, overrides)
+    out.append((name, dict(overrides), _smoke_member(config, apply_overrides(start, rest, where=f'member {name!r}'))))
+  return out
+
+
+def _member_base(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, name: str,
+                 overrides: list[tuple[str, str]]) -> tuple[ml_collections.ConfigDict, list[tuple[str, str]]]:
+  """A member's starting config and the overrides left to apply to it.
+
+  Without ``experiment=`` in its spec: the family's own config (``base``).
+  With ``experiment=NAME`` (or ``NAME/MEMBER``): that experiment's config
+  (that member's), its setting ``setting=S`` applied and, in a smoke run,
+  shrunk as its own ``--smoke`` would; then the family's shared sections
+  (``config.shared``, default :data:`SHARED_SECTIONS`) replace NAME's, so
+  every such member is judged on the same data by the same evaluation and
+  probes; the member's other overrides come last.
+  """
+  chosen = {k: v for k, v in overrides if k in BASE_KEYS}
+  rest = [(k, v) for k, v in overrides if k not in BASE_KEYS]
+  where = f'member {name!r}'
+  if 'experiment' not in chosen:
+    if chosen:
+      raise ConfigError(f'{where}: setting={chosen["setting"]} needs experiment=NAME in the same spec (the '
+                        "family's own settings are chosen with --setting)")
+    return base, rest
+  source, _, member = chosen['experiment'].partition('/')
+  try:
+    other = load_experiment(source)
+    if chosen.get('setting'):
+      other = apply_setting(other, chosen['setting'])
+  except ConfigError as e:
+    raise ConfigError(f'{where}: {e}') from None
+  if config.get('smoke_run'):
+    other = smoke(other)
+  names = [parse_member(s)[0] for s in (other.get('members') or ())]
+  if member and member not in names:
+    raise ConfigError(f'{where}: experiment {source!r} has no member {member!r}; its members: '
+                      f'{", ".join(names) or "none (name the experiment alone)"}')
+  if names and not member:
+    raise ConfigError(f'{where}: experiment {source!r} trains several models; name one: '
+                      f'{", ".join(f"{source}/{n}" for n in names)}')
+  with other.unlocked():
+    other.only = member
+  start = member_configs(other)[0][2]
+  shared = tuple(config.get('shared', SHARED_SECTIONS))
+  with start.unlocked(), start.ignore_type():
+    for key in shared:
+      if key not in config:
+        raise ConfigError(f'config.shared names {key!r}, which is not a config field')
+      start[key] = copy.deepcopy(config[key])
+    for key in ('experiment', 'smoke_run'):
+      start[key] = config.get(key)
+    start.settings = ml_collections.ConfigDict()
+    for key in ('smoke', 'sweep'):   # the source experiment's own; a member has neither
+      if key in start:
+        del start[key]
+  return start, rest
 
 
 def _smoke_member(config: ml_collections.ConfigDict, member: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -777,8 +855,13 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if config.get('members') and not config.get('only'):
       # Members differ in hyperparameters, not code: two of them cover the path.
       config.only = ','.join(parse_member(m)[0] for m in config.members[:2])
-  return apply_overrides(config, [parse_assignment(item, 'config.smoke') for item in (config.get('smoke') or ())],
-                         where='config.smoke')
+  items = [parse_assignment(item, 'config.smoke') for item in (config.get('smoke') or ())]
+  if config.get('members'):
+    # A family's smoke items may name fields only its members have (e.g. the
+    # method options of a member taken from another experiment); those
+    # apply to the members (_smoke_member).
+    items = [(k, v) for k, v in items if _get(config, k)[0] or k.split('.')[0] == 'probes' or '.' not in k]
+  return apply_overrides(config, items, where='config.smoke')
 
 
 def fill_defaults(stored: dict) -> dict:

@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from geomrobust import comparison
 from geomrobust import config as config_lib
 from geomrobust import evaluation
 from geomrobust import members as members_lib
@@ -110,14 +111,18 @@ class _Context:
 
 
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, data_dir: str | None = None,
-                   *, log: Callable[[str], None] = print, reevaluate: bool = False) -> dict:
+                   *, log: Callable[[str], None] = print, reevaluate: bool = False,
+                   reuse: tuple[str | pathlib.Path, ...] = ()) -> dict:
   """Trains and evaluates every member of ``config`` into ``workdir``.
 
   Rerunning continues where a killed run stopped: finished members (their
   ``results.json`` exists, same config) are not retrained, and training
   resumes from checkpoints; a finished run is "already done" without writing
   anything. ``reevaluate``: evaluate every member again (sweeps;
-  ``evaluate_workdir`` handles the rest). Everything that can be checked
+  ``evaluate_workdir`` handles the rest). ``reuse``: finished run folders
+  (or folders holding them) whose members a family adopts instead of
+  training them again when their training configs are identical
+  (``pipeline.find_reusable``). Everything that can be checked
   (configs, the folder's lock and writability, the data) is checked before
   training starts.
   """
@@ -125,6 +130,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
   parallel.maybe_initialize_distributed(bool(config.parallel.distributed))
   groups = members_lib.expand(config)
   members_lib.validate(config, groups)
+  if 'comparison' in config:
+    comparison.validate(config)
+  reuse = tuple(pathlib.Path(d) for d in reuse)
+  for d in reuse:
+    if not d.is_dir():
+      raise FileNotFoundError(f'--reuse={d}: no such folder; give finished run folders, e.g. --reuse=runs/madry_mnist')
   if not reevaluate:
     done = _finished(config, groups, workdir)
     if done is not None:
@@ -147,7 +158,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     t_start = time.perf_counter()
     if groups[0].role in ('sweep', 'baseline'):
       return _run_sweep(config, workdir, groups, ctx, log=log, reevaluate=reevaluate, t_start=t_start)
-    return _run_family(config, workdir, groups[0].members, ctx, log=log, reevaluate=reevaluate)
+    return _run_family(config, workdir, groups[0].members, ctx, log=log, reevaluate=reevaluate, reuse=reuse)
 
 
 def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
@@ -174,21 +185,37 @@ def _finished(config, groups, workdir: pathlib.Path) -> dict | None:
   return top
 
 
-def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reevaluate: bool = False) -> dict:
+def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reevaluate: bool = False,
+                reuse: tuple[pathlib.Path, ...] = ()) -> dict:
   """Each member trained and evaluated in its own folder, then the summary
-  (and a member sweep, ``members.member_sweep``, run into its own folder)."""
-  runs, member_results = [], {}
+  (and a member sweep, ``members.member_sweep``, run into its own folder).
+  In a comparison (``config.comparison``) a member that fails is listed
+  with its error line and the others go on; a rerun retries it."""
+  runs, member_results, failed = [], {}, []
   for i, m in enumerate(ms):
     sub = workdir / m.name
     tag = f'[{m.name} {i + 1}/{len(ms)}] '
     done = sub / 'results.json'
+    if not done.exists() and reuse:
+      source = pipeline.find_reusable(reuse, m.config)
+      if source is not None:
+        log(f'{tag}reusing {source} (the same training config): not retrained')
+        pipeline.adopt_run(source, sub, m.config)
     if done.exists():
       log(f'{tag}already done: {done} (use --evaluate={workdir} to re-evaluate)')
       res = runio.read_json(done)
     else:
-      res = train_and_evaluate(m.config, sub, ctx.data_dir, mesh=ctx.mesh, eval_mesh=ctx.eval_mesh, log=log, tag=tag,
-                               data=ctx.data(m.config),
-                               evaluator=ctx.evaluator, probes=ctx.probes(m.config))
+      try:
+        res = train_and_evaluate(m.config, sub, ctx.data_dir, mesh=ctx.mesh, eval_mesh=ctx.eval_mesh, log=log,
+                                 tag=tag, data=ctx.data(m.config), evaluator=ctx.evaluator,
+                                 probes=ctx.probes(m.config))
+      except Exception as e:  # noqa: BLE001 -- a comparison reports it and goes on
+        if 'comparison' not in config:
+          raise
+        line = (str(e).splitlines() or [''])[0] or type(e).__name__
+        log(f'{tag}FAILED: {type(e).__name__}: {line} (the other members go on; rerunning retries it)')
+        failed.append(dict(name=m.name, error=f'{type(e).__name__}: {line}'))
+        continue
     member_results[m.name] = res
     runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
@@ -205,11 +232,25 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
     top['member_sweep'] = dict(name=name, member=str(config.sweep.member), hparam=str(sub.sweep.hparam),
                                eps=float(sub.sweep.pgd_eps), profile=str(sub.sweep.screen_profile),
                                results=f'{name}/results.json')
+  if 'comparison' in config:
+    top['members_table'] = top.pop('table')
+    top.update(comparison.build(config, workdir, member_results, {m.name: m.config for m in ms}, failed))
   top_path = workdir / 'results.json'
   runio.write_json(top_path, top)
-  report.write_experiment_report(workdir, config, top, member_results)
+  _write_reports(workdir, config, top, member_results)
   log(f'wrote {top_path} and {workdir / "report.md"}')
+  if failed:
+    log(f'{len(failed)} member(s) FAILED: ' + '; '.join(f'{f["name"]}: {f["error"]}' for f in failed))
   return top
+
+
+def _write_reports(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
+  """The family's report.md (a comparison's opens with its ranking, claims, table and figures)."""
+  if 'comparison' not in config:
+    report.write_experiment_report(workdir, config, top, member_results)
+    return
+  report.write_experiment_report(workdir, config, dict(top, table=top['members_table']), member_results)
+  comparison.write_report(workdir, config, top, member_results)
 
 
 # --------------------------------------------------------------------------
@@ -473,11 +514,16 @@ def _evaluate_locked(workdir: pathlib.Path, eval_overrides, data_dir, *, log) ->
 def _write_family(workdir: pathlib.Path, top: dict, member_results: dict[str, dict]) -> None:
   """A family's summary table from its members' results, into its top
   ``results.json`` (``top`` with the new table) and ``report.md``."""
-  top['table'] = report.summary_table(member_results)
+  config = config_lib.with_defaults(runio.read_json(workdir / 'config.json'))
   top.update(probes_lib.family_results(member_results))
+  if 'comparison' in config:
+    top['members_table'] = report.summary_table(member_results)
+    configs = {n: config_lib.with_defaults(runio.read_json(workdir / n / 'config.json')) for n in member_results}
+    top.update(comparison.build(config, workdir, member_results, configs, top.get('failed', [])))
+  else:
+    top['table'] = report.summary_table(member_results)
   runio.write_json(workdir / 'results.json', top)
-  report.write_experiment_report(workdir, ml_collections.ConfigDict(runio.read_json(workdir / 'config.json')),
-                                 top, member_results)
+  _write_reports(workdir, config, top, member_results)
 
 
 def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:

@@ -36,8 +36,14 @@ from geomrobust.training import sweep as sweep_lib
 # A member trained inside a stacked (vmapped) group: where its slice sits.
 MEMBER_FILE = 'sweep_member.json'
 
+# A member adopted from a finished run without its results: where it came from.
+REUSED_FILE = 'reused_from.json'
+
 # Config sections that may change between a run and its resume/re-evaluation.
-_NOT_TRAINING_KEYS = ('eval', 'probes', 'only', 'members', 'smoke', 'parallel', 'settings', 'setting')
+_NOT_TRAINING_KEYS = ('eval', 'probes', 'only', 'members', 'smoke', 'parallel', 'settings', 'setting', 'shared',
+                      'comparison')
+# Also free to differ between a finished run and a member that reuses it (``find_reusable``).
+_NOT_REUSE_KEYS = ('experiment', 'smoke_run')
 
 
 @dataclasses.dataclass
@@ -125,6 +131,61 @@ def check_workdir_config(workdir: pathlib.Path, config: ml_collections.ConfigDic
     raise config_lib.ConfigError(
         f'{workdir} holds a run with a different config ({"; ".join(diff[:4])}); pass a new --workdir, '
         'or delete that folder to start over')
+
+
+def _reuse_view(cfg: dict) -> dict:
+  view = _training_view(config_lib.fill_defaults(cfg))
+  return {k: v for k, v in view.items() if k not in _NOT_REUSE_KEYS}
+
+
+def find_reusable(folders, config: ml_collections.ConfigDict) -> pathlib.Path | None:
+  """The first finished run among ``folders`` (each a run folder, or a
+  family's folder holding member folders) trained with exactly ``config``'s
+  training fields (the experiment's name aside), or None. Finished: its
+  ``results.json`` and ``checkpoints/`` exist (stacked sweep members are not
+  reused: their weights live in their group's checkpoint)."""
+  want = _reuse_view(json.loads(config_lib.to_json(config)))
+  for folder in folders:
+    folder = pathlib.Path(folder)
+    for run in [folder] + sorted(p for p in folder.iterdir() if p.is_dir()):
+      if not ((run / 'config.json').exists() and (run / 'results.json').exists() and (run / 'checkpoints').is_dir()):
+        continue
+      try:
+        stored = runio.read_json(run / 'config.json')
+      except ValueError:
+        continue   # damaged: not a candidate
+      if _reuse_view(stored) == want:
+        return run
+  return None
+
+
+def adopt_run(source: pathlib.Path, dest: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+  """Makes ``dest`` a copy of the finished run ``source`` for the member
+  ``config`` (same training fields): its checkpoints and metrics, under the
+  member's own config.json. When the evaluation and probes are the same too,
+  its results, masks, report and plots come along (nothing to recompute);
+  otherwise the member is evaluated as usual (its training is already done).
+  ``results['reused_from']`` names the source."""
+  import shutil
+  dest.mkdir(parents=True, exist_ok=True)
+  stored = config_lib.fill_defaults(runio.read_json(source / 'config.json'))
+  mine = config_lib.fill_defaults(json.loads(config_lib.to_json(config)))
+  same_eval = all(stored.get(k) == mine.get(k) for k in ('eval', 'probes', 'dataset', 'data'))
+  for item in sorted(source.iterdir()):
+    if item.name in ('config.json', 'run.lock', 'results.json') or item.is_symlink():
+      continue
+    if item.is_dir():
+      if item.name == 'checkpoints' or same_eval:
+        shutil.copytree(item, dest / item.name, dirs_exist_ok=True)
+    elif item.name == 'metrics.jsonl' or same_eval:
+      shutil.copy2(item, dest / item.name)
+  runio.atomic_write_text(dest / 'config.json', config_lib.to_json(config) + '\n')
+  if same_eval:
+    results = runio.read_json(source / 'results.json')
+    results.update(experiment=config.get('experiment', ''), reused_from=str(source))
+    runio.write_json(dest / 'results.json', results)
+  else:
+    runio.write_json(dest / REUSED_FILE, dict(reused_from=str(source)))
 
 
 def init_params_from(spec: str):
@@ -263,6 +324,8 @@ def write_results(workdir: pathlib.Path, config, results: dict, probes: list | N
     # Per-example correctness after each (attack, eps): which examples are robust.
     np.savez_compressed(workdir / 'robust_masks.npz', **{k: np.asarray(v) for k, v in masks.items()})
     results['robust_masks'] = 'robust_masks.npz'
+  if (workdir / REUSED_FILE).exists():
+    results['reused_from'] = runio.read_json(workdir / REUSED_FILE)['reused_from']
   runio.write_json(workdir / 'results.json', results)
   if probes is None:
     probes = probes_lib.build_probes(config.get('probes'))

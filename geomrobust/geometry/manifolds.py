@@ -121,10 +121,13 @@ class ManifoldBuilder:
     batch_size: examples per compiled call (attack and feature pass).
     max_features: layers wider than this are projected to it.
     projection_seeds: how many projection matrices (S) for such layers.
+    layers: which layers to read, as indices into ``[pixels, *representations,
+      logits]`` (negative from the end: -2 is the last hidden layer); () = all.
   """
 
   def __init__(self, method, *, box=attacks.UNIT_BOX, steps: int = 16, step_fraction: float = 0.25,
-               eot_samples: int = 1, batch_size: int = 500, max_features: int = 2000, projection_seeds: int = 1):
+               eot_samples: int = 1, batch_size: int = 500, max_features: int = 2000, projection_seeds: int = 1,
+               layers: tuple[int, ...] = ()):
     if steps < 1 or step_fraction <= 0 or eot_samples < 1 or batch_size < 1 or max_features < 1 or \
        projection_seeds < 1:
       raise ValueError('ManifoldBuilder: steps, eot_samples, batch_size, max_features, projection_seeds must be '
@@ -136,6 +139,7 @@ class ManifoldBuilder:
     self.eot_samples = int(eot_samples) if method.stochastic else 1
     self.batch_size = int(batch_size)
     self.max_features, self.projection_seeds = int(max_features), int(projection_seeds)
+    self.select = tuple(int(i) for i in layers)
     self._attack = attacks.make_attack('pgd', method.logits, norm='linf', steps=self.steps, restarts=1,
                                        random_start=True, eot_samples=self.eot_samples, box=self.box)
     self._features = jax.jit(self._features_batch)
@@ -149,8 +153,19 @@ class ManifoldBuilder:
     once per input shape). ``x_example``: ``[B, ...]`` model inputs."""
     shape = tuple(np.shape(x_example)[1:])
     if shape not in self._layers:
-      self._layers[shape] = self._find_layers(params, x_example)
+      found = self._find_layers(params, x_example)
+      self._layers[shape] = [found[i] for i in self._indices(len(found))]
     return self._layers[shape]
+
+  def _indices(self, n: int) -> list[int]:
+    """The positions of the selected layers among ``n`` (all when none are selected)."""
+    if not self.select:
+      return list(range(n))
+    bad = [i for i in self.select if not -n <= i < n]
+    if bad:
+      raise ValueError(f'layer index {bad[0]} out of range: this model has {n} layers (pixels, '
+                       f'{n - 2} representations, logits); use -{n}..{n - 1}')
+    return sorted({i % n for i in self.select})
 
   def _find_layers(self, params, x_example) -> list[Layer]:
     rng = jax.random.key(0) if self.method.stochastic else None
@@ -199,6 +214,7 @@ class ManifoldBuilder:
     projection ``[N_l, N']`` or None."""
     logits, reps = self.method.apply(params, x, rng if self.method.stochastic else None)
     flat = [x.reshape(x.shape[0], -1)] + [r.reshape(r.shape[0], -1) for r in reps] + [logits]
+    flat = [flat[i] for i in self._indices(len(flat))]
     # HIGHEST: accelerators would otherwise multiply float32 in reduced precision.
     return tuple(f.astype(jnp.float32) if m is None else jnp.dot(f.astype(jnp.float32), m,
                                                                  precision=jax.lax.Precision.HIGHEST)

@@ -85,10 +85,13 @@ class Probe:
     return self._compiled[key]
 
   def representations(self, inp: ProbeInput, x) -> tuple:
-    """The model's per-layer representations of ``x`` (float32 ``[N, ...]``), jitted once per classifier."""
+    """The model's per-layer representations of ``x`` (float32 ``[N, ...]``),
+    jitted once per classifier; a stochastic model's with one noise draw
+    (the probe's key)."""
     method = inp.method
-    fn = self.compiled(('reps', method.classifier_key()), lambda: jax.jit(lambda p, xx: method.apply(p, xx)[1]))
-    return fn(inp.params, x)
+    fn = self.compiled(('reps', method.classifier_key()),
+                       lambda: jax.jit(lambda p, xx, rng: method.apply(p, xx, rng)[1]))
+    return fn(inp.params, x, inp.key if method.stochastic else None)
 
   def adversarial_requests(self, config: ml_collections.ConfigDict) -> list[tuple[str, float]]:
     """``[(attack, eps)]`` whose adversarial examples this probe wants from the evaluation."""
@@ -102,6 +105,12 @@ class Probe:
     """Flat numbers for tables (grouped by the swept value, mean and std)."""
     del out
     return {}
+
+  def comparison_summary(self, out: dict) -> dict:
+    """The numbers a comparison of methods shows for this probe (a
+    comparison's ``geometry`` column, ``geomrobust/comparison.py``).
+    Default: :meth:`summary`."""
+    return self.summary(out)
 
   @classmethod
   def family_results(cls, outs: dict[str, dict]) -> dict:

@@ -38,6 +38,9 @@ Options (``config.probes.manifold_geometry``; defaults from the paper):
   batch_size        examples per compiled attack / feature call (500).
   seed              seeds the attack starts, the model's noise and MFTMA's
                     Gaussian vectors (0); projection seeds are 0..S-1.
+  layers            which layers to measure: indices into [pixels,
+                    representations..., logits], negative from the end
+                    (-2,-1: the last hidden layer and the logits); empty = all.
 
 Exemplar manifolds at eps 0 of a deterministic model are M copies of one
 point, as are the layers before a stochastic model's noise, and PGD from
@@ -70,7 +73,7 @@ from geomrobust.probes import base
 
 DEFAULTS = dict(eps=(0.0, 0.05, 0.1, 0.2, 0.3), kinds=manifolds_lib.KINDS, classes=10, per_class=50, exemplars=50,
                 repeats=50, n_t=200, kappa=0.0, projection_seeds=5, max_features=2000, steps=16, step_fraction=0.25,
-                eot_samples=0, batch_size=500, seed=0)
+                eot_samples=0, batch_size=500, seed=0, layers=())
 
 # The numbers reported per (kind, eps, layer); the plot shows the first four.
 METRICS = ('capacity', 'radius', 'dimension', 'center_correlation', 'K', 'participation_ratio', 'dimension_90')
@@ -104,7 +107,7 @@ def _like(name: str, value, default):
   try:
     if isinstance(default, tuple):
       value = (value,) if isinstance(value, (str, int, float)) else value
-      return tuple(type(default[0])(v) for v in value)
+      return tuple((type(default[0]) if default else int)(v) for v in value)
     if isinstance(default, int) and (isinstance(value, bool) or not float(value).is_integer()):
       raise ValueError
     return type(default)(value)
@@ -154,7 +157,8 @@ class ManifoldGeometry(base.Probe):
             'kappa': config_lib.number(0, example=0.0), 'projection_seeds': config_lib.integer(1, example=5),
             'max_features': config_lib.integer(1, example=2000), 'steps': config_lib.integer(1, example=16),
             'step_fraction': config_lib.number(above=0, example=0.25), 'eot_samples': config_lib.integer(0),
-            'batch_size': config_lib.integer(1, example=500), 'seed': config_lib.integer(0)}
+            'batch_size': config_lib.integer(1, example=500), 'seed': config_lib.integer(0),
+            'layers': config_lib.integer(-64, 63, example=-2)}
 
   def __init__(self, name: str, options: ml_collections.ConfigDict):
     super().__init__(name, options)
@@ -165,9 +169,10 @@ class ManifoldGeometry(base.Probe):
   def builder(self, inp: base.ProbeInput) -> manifolds_lib.ManifoldBuilder:
     o = self.opts
     eot = int(o['eot_samples'] or inp.config.eval.get('eot_samples', 1))
-    return self.compiled(('builder', inp.method.classifier_key(), inp.box, eot), lambda: manifolds_lib.ManifoldBuilder(
+    return self.compiled(('builder', inp.method.classifier_key(), inp.box, eot, o['layers']), lambda: manifolds_lib.ManifoldBuilder(
         inp.method, box=inp.box, steps=o['steps'], step_fraction=o['step_fraction'], eot_samples=eot,
-        batch_size=o['batch_size'], max_features=o['max_features'], projection_seeds=o['projection_seeds']))
+        batch_size=o['batch_size'], max_features=o['max_features'], projection_seeds=o['projection_seeds'],
+        layers=o['layers']))
 
   @staticmethod
   def test_images(inp: base.ProbeInput) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +211,7 @@ class ManifoldGeometry(base.Probe):
         clouds = build(inp.params, x, y, eps=float(eps), key=jax.random.fold_in(key, manifolds_lib.KINDS.index(kind)),
                        **sizes_kw)
         t_build = time.perf_counter() - t0
-        run['accuracy'] = None if layers[-1].projected else _accuracy(
+        run['accuracy'] = None if 'logits' not in clouds or layers[-1].projected else _accuracy(
             clouds['logits'][0], np.arange(p) if kind == 'class' else y[:p])
         for name, cloud in clouds.items():
           run['layers'][name] = self._analyze(cloud, o)
@@ -257,6 +262,23 @@ class ManifoldGeometry(base.Probe):
                   if r['kind'] == kind and metric in r['layers'].get('logits', {})}
       for eps in sorted({min(measured), max(measured)} if measured else ()):
         flat[f'{kind}_{metric}_logits_eps{eps:g}'] = measured[eps]
+    return flat
+
+  def comparison_summary(self, out: dict) -> dict:
+    """Capacity, radius and dimension of the class and exemplar manifolds at
+    the last hidden layer (the last one measured before the logits), at the
+    smallest and the largest eps measured: ``{kind}_{metric}_eps{eps}``,
+    plus ``mftma_layer`` (its name)."""
+    names = [l['name'] for l in out.get('layers', []) if l['name'] not in ('logits', 'pixels')]
+    if not names:
+      return {}
+    layer, flat = names[-1], {'mftma_layer': names[-1]}
+    for kind in ('class', 'exemplar'):
+      measured = {r['eps']: r['layers'][layer] for r in out.get('runs', [])
+                  if r['kind'] == kind and 'capacity' in r['layers'].get(layer, {})}
+      for eps in sorted({min(measured), max(measured)} if measured else ()):
+        for metric in ('capacity', 'radius', 'dimension'):
+          flat[f'{kind}_{metric}_eps{eps:g}'] = measured[eps][metric]
     return flat
 
   def report(self, out: dict, workdir: pathlib.Path) -> list[str]:

@@ -163,6 +163,18 @@ class Purification(base.Probe):
       s['update_top4_energy'] = out['update']['top4']
     return s
 
+  def comparison_summary(self, out: dict) -> dict:
+    """:meth:`summary` plus, per weight matrix of a clean-then-adversarial
+    run, the (beta, v, rho) decomposition's medians and the update's top-4
+    singular-value energy: ``median_rho_<layer>``, ``median_beta_<layer>``,
+    ``update_top4_<layer>``."""
+    flat = self.summary(out)
+    for name, layer in (out.get('layers') or {}).items():
+      short = name.split('/')[0]
+      flat.update({f'median_rho_{short}': layer['median_rho'], f'median_beta_{short}': layer['median_beta'],
+                   f'update_top4_{short}': layer['update']['top4']})
+    return flat
+
   def report(self, out: dict, workdir: pathlib.Path) -> list[str]:
     lines = ['## Feature purification', '', 'Robust accuracy per tau: `shared` = the shared evaluation\'s worst case '
              f'({", ".join(out["attacks"])}), `dense` = the dense-direction attack, `accuracy` = both, per example.',

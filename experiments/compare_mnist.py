@@ -1,0 +1,133 @@
+"""All five methods on MNIST: one evaluation, one table, one command.
+
+Every member is another experiment's default model, taken by name
+(``experiment=NAME`` in its spec, ``geomrobust.config.member_configs``) with
+the overrides that put it on a shared architecture and budget; the family
+gives every member the same data, the same evaluation and the same probes
+(``config.shared``):
+
+  shared MLP 784-1000-10 (half-tanh, no bias: the Fermi-Bose network)
+    ce_mlp             plain cross-entropy (standard_mnist's objective)
+    isometric          isometric_mnist/beta_1e-1 (beta 0.1, K 1)
+    local_contrastive  local_contrastive_mnist (d_F 0.5, then the readout),
+                       on the full training set; local learning trains MLPs only
+    pgd_at_mlp         madry_mnist's PGD-AT (the adversarial reference for the MLPs)
+    purification       clean training, then PGD adversarial training from the
+                       clean weights (methods/purification.py), with the
+                       (beta, v, rho) decomposition of every weight matrix
+  shared CNN conv16-conv32 (5x5) - fc256 (standard_mnist's)
+    ce_cnn             standard_mnist (the reference)
+    pgd_at             madry_mnist
+    trades             trades_mnist
+    ascl               ascl_mnist/ascl_leaking
+  its own network
+    stochastic         stochastic_mnist/vone: the fixed Gabor VOne front end with
+                       Poisson-like noise, then the CNN's conv32 - fc256; noise on
+                       at test time, so it is attacked with EOT over 8 draws and
+                       judged over 5 passes (it never cascades)
+
+The evaluation: profile mnist_linf (FGSM, sign noise, PGD-CE and PGD-margin
+100 steps x 5 restarts, APGD-CE, APGD-DLR; worst case per example; sanity
+checks) at eps 0.1, 0.2, 0.3 on the first ``eval.num_examples`` test images.
+The probes: isometry, boson / fermion pair distances, MFTMA of class and
+exemplar manifolds at the last hidden layer (clean and eps 0.1), the
+latent-space study. ``report.md`` opens with the ranking and each paper's
+claim tested on the table (``comparison.claims``).
+
+COMMAND:
+  python launch.py --experiment=compare_mnist --data_dir=../shared/data
+
+RUNTIME: see README (measured per member on a 2-core CPU).
+
+Variants:
+  --config.only=ce_cnn,pgd_at,stochastic     a subset
+  --reuse=runs/madry_mnist,runs/ascl_mnist   reuse finished runs with identical training configs
+  --setting=full                             longer training, the whole test set (an accelerator)
+  --experiment=compare_fashion_mnist         the same comparison on Fashion-MNIST
+"""
+
+import ml_collections
+
+from geomrobust.config import load_experiment
+
+MLP = dict(name='mlp', hidden=(1000,), activation='half_tanh', weight_init='normal_fan_in', use_bias=False)
+
+
+def members(train_eps: float = 0.3, *, full: bool = False) -> tuple[str, ...]:
+  """The member specs; ``train_eps``: the training attack's eps of the
+  adversarial members; ``full``: the longer, accelerator budget."""
+  mlp = f'model={MLP!r}'
+  ep = (lambda cpu, acc: f'train.epochs={acc if full else cpu}')
+  warm = f'method.eps_warmup_steps={0 if full else 600}'
+  at = f'method.eps={train_eps}; {warm}'
+  steps = 40 if full else 10
+  purification = dict(name='purification', recipe='clean_then_adversarial', clean_steps=6000 if full else 3000,
+                      adv_steps=6000 if full else 2400, clean_lr=0.0, adv_lr=0.0, attack='pgd', norm='linf',
+                      tau=train_eps, pgd_steps=steps, rank=0, linearize=False, ideal=False)
+  return (
+      f'ce_mlp: experiment=standard_mnist; {mlp}; {ep(10, 20)}',
+      f'isometric: experiment=isometric_mnist/beta_1e-1; {mlp}; {ep(10, 20)}',
+      f'local_contrastive: experiment=local_contrastive_mnist; {ep(10, 100)}; '
+      f'method.readout_epochs={100 if full else 10}; train.checkpoint_every=5',
+      f'pgd_at_mlp: experiment=madry_mnist; {mlp}; {at}; method.steps={steps}; {ep(4, 20)}',
+      f'purification: experiment=madry_mnist; {mlp}; method={purification!r}; probes.purification={{}}',
+      f'ce_cnn: experiment=standard_mnist; {ep(3, 10)}',
+      f'pgd_at: experiment=madry_mnist; {at}; method.steps={steps}; {ep(2, 84)}',
+      f'trades: experiment=trades_mnist; {at}; method.steps={steps}; {ep(2, 100)}',
+      f'ascl: experiment=ascl_mnist/ascl_leaking; {at}; method.steps={steps}; {ep(2, 100)}',
+      f'stochastic: experiment=stochastic_mnist/vone; {ep(2, 10)}',
+  )
+
+
+# Each paper's claim as a test on the table: 'text | member OP member | metric'
+# (comparison.py: robust@EPS, clean, or a geometry key; OP is > or <).
+CLAIMS = (
+    'Isometric regularisation is more robust than plain CE on the same MLP | isometric > ce_mlp | robust@0.1',
+    'Isometric regularisation keeps its clean accuracy (within a point of CE) | isometric > ce_mlp | clean',
+    'Local contrastive (Fermi-Bose) learning is more robust than backprop CE on the same MLP '
+    '| local_contrastive > ce_mlp | robust@0.1',
+    'Stochastic neurons (VOne + noise) are more robust than the plain CNN | stochastic > ce_cnn | robust@0.1',
+    'PGD-AT stays more robust than stochastic neurons at the largest eps | pgd_at > stochastic | robust@0.3',
+    'ASCL is more robust than PGD-AT at equal budget | ascl > pgd_at | robust@0.3',
+    'TRADES is more robust than PGD-AT at equal budget | trades > pgd_at | robust@0.3',
+    'Adversarial training from the clean weights (purification) matches AT from scratch on the MLP '
+    '| purification > pgd_at_mlp | robust@0.3',
+    'Adversarial training widens the class manifolds\' capacity at the last hidden layer under attack '
+    '| pgd_at > ce_cnn | class_capacity_eps0.1',
+)
+
+
+# The geometry columns of the report's table (results.json keeps every number).
+GEOMETRY = ('iso_correlation', 'iso_stress', 'boson_distance', 'fermion_distance', 'class_capacity_eps0',
+            'class_capacity_eps0.1', 'class_radius_eps0', 'class_radius_eps0.1', 'class_dimension_eps0',
+            'class_dimension_eps0.1', 'exemplar_capacity_eps0.1', 'exemplar_radius_eps0.1',
+            'exemplar_dimension_eps0.1', 'latent_ratio_clean', 'latent_ratio_adv_eps0.3', 'median_rho_hidden_0',
+            'median_beta_hidden_0', 'update_top4_hidden_0')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = load_experiment('standard_mnist')   # the data and the shared evaluation (mnist_linf)
+  c.method = ml_collections.ConfigDict(dict(name='standard'))
+  c.eval.num_examples = 200
+  c.eval.batch_size = 100
+  c.eval.eps = (0.1, 0.2, 0.3)
+  c.eval.eot_samples = 8
+  c.eval.passes = 5
+  c.probes = ml_collections.ConfigDict({
+      'isometry': {'examples': 1000, 'scale_key': 'method.k'},
+      'pair_distances': {'examples': 1000},
+      'manifold_geometry': {'eps': (0.0, 0.1), 'layers': (-2,), 'projection_seeds': 1},
+      'latent': {},
+  })
+  c.shared = ('dataset', 'data', 'eval', 'probes', 'parallel', 'seed')
+  c.members = members(0.3)
+  c.comparison = ml_collections.ConfigDict(dict(reference='ce_cnn', claims=CLAIMS, geometry=GEOMETRY))
+  c.settings = ml_collections.ConfigDict({
+      'full': (f'members={members(0.3, full=True)!r}', 'eval.num_examples=0', 'eval.batch_size=500',
+               'probes.manifold_geometry.projection_seeds=5'),
+  })
+  c.smoke = ('only=', 'train.epochs=2', 'method.readout_epochs=2', 'method.clean_steps=40', 'method.adv_steps=40',
+             'probes.isometry.examples=64', 'probes.pair_distances.examples=64',
+             "probes.manifold_geometry={'eps': (0.0, 0.1), 'layers': (-2,), 'projection_seeds': 1, 'classes': 4, "
+             "'per_class': 4, 'exemplars': 4, 'repeats': 4, 'n_t': 20}")
+  return c
