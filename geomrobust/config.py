@@ -441,6 +441,11 @@ def _load_module(name: str, experiments_dir: pathlib.Path | str | None = None):
   return module
 
 
+def load_experiment_module(name: str, experiments_dir: pathlib.Path | str | None = None):
+  """The module of experiment ``name`` (for an experiment built from another's helpers)."""
+  return _load_module(name, experiments_dir)
+
+
 def experiment_summary(name: str, experiments_dir: pathlib.Path | str | None = None) -> str:
   """First docstring line of an experiment (what ``--list`` prints)."""
   doc = (_load_module(name, experiments_dir).__doc__ or '').strip()

@@ -140,6 +140,11 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | pathlib.Pat
     done = _finished(config, groups, workdir)
     if done is not None:
       log(f'already done: {workdir / "results.json"} (use --evaluate={workdir} to re-evaluate)')
+      if 'comparison' in config and _comparison_changed(workdir, config):
+        # Its claims or columns changed: the table and report are rebuilt from the members' results.
+        with lock.writer(workdir, log=log):
+          runio.atomic_write_text(workdir / 'config.json', config_lib.to_json(config) + '\n')
+          done = _rewrite_family(workdir, done, log=log)
       return done
   with lock.writer(workdir, log=log):
     if groups[0].role == 'single':
@@ -219,8 +224,8 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
     member_results[m.name] = res
     runs.append(dict(name=m.name, overrides=m.overrides, results=f'{m.name}/results.json'))
   top = dict(experiment=config.get('experiment', ''), method=config.method.name, dataset=config.dataset,
-             seed=int(config.seed), runs=runs, table=report.summary_table(member_results),
-             smoke=bool(config.get('smoke_run', False)), **probes_lib.family_results(member_results))
+             seed=int(config.seed), runs=runs, smoke=bool(config.get('smoke_run', False)))
+  _family_tables(workdir, config, top, member_results, {m.name: m.config for m in ms}, failed)
   sub = members_lib.member_sweep(config)
   if sub is not None:
     # The member sweep: a plain sweep experiment in its own folder, its table in ours.
@@ -232,9 +237,6 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
     top['member_sweep'] = dict(name=name, member=str(config.sweep.member), hparam=str(sub.sweep.hparam),
                                eps=float(sub.sweep.pgd_eps), profile=str(sub.sweep.screen_profile),
                                results=f'{name}/results.json')
-  if 'comparison' in config:
-    top['members_table'] = top.pop('table')
-    top.update(comparison.build(config, workdir, member_results, {m.name: m.config for m in ms}, failed))
   top_path = workdir / 'results.json'
   runio.write_json(top_path, top)
   _write_reports(workdir, config, top, member_results)
@@ -242,6 +244,20 @@ def _run_family(config, workdir: pathlib.Path, ms, ctx: _Context, *, log, reeval
   if failed:
     log(f'{len(failed)} member(s) FAILED: ' + '; '.join(f'{f["name"]}: {f["error"]}' for f in failed))
   return top
+
+
+def _family_tables(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict], configs: dict,
+                   failed: list[dict]) -> None:
+  """Into ``top``: the members' summary ``table`` and the probes' family
+  tables; a comparison's contract ``table`` (the summary moves to
+  ``members_table``), ranking, claims and ``failed``."""
+  top.update(probes_lib.family_results(member_results))
+  table = report.summary_table(member_results)
+  if 'comparison' in config:
+    top['members_table'] = table
+    top.update(comparison.build(config, workdir, member_results, configs, failed))
+  else:
+    top['table'] = table
 
 
 def _write_reports(workdir: pathlib.Path, config, top: dict, member_results: dict[str, dict]) -> None:
@@ -515,15 +531,22 @@ def _write_family(workdir: pathlib.Path, top: dict, member_results: dict[str, di
   """A family's summary table from its members' results, into its top
   ``results.json`` (``top`` with the new table) and ``report.md``."""
   config = config_lib.with_defaults(runio.read_json(workdir / 'config.json'))
-  top.update(probes_lib.family_results(member_results))
-  if 'comparison' in config:
-    top['members_table'] = report.summary_table(member_results)
-    configs = {n: config_lib.with_defaults(runio.read_json(workdir / n / 'config.json')) for n in member_results}
-    top.update(comparison.build(config, workdir, member_results, configs, top.get('failed', [])))
-  else:
-    top['table'] = report.summary_table(member_results)
+  configs = {n: config_lib.with_defaults(runio.read_json(workdir / n / 'config.json')) for n in member_results}
+  _family_tables(workdir, config, top, member_results, configs, top.get('failed', []))
   runio.write_json(workdir / 'results.json', top)
   _write_reports(workdir, config, top, member_results)
+
+
+def _comparison_changed(workdir: pathlib.Path, config) -> bool:
+  stored = runio.read_json(workdir / 'config.json').get('comparison')
+  return stored != json.loads(config_lib.to_json(config))['comparison']
+
+
+def _rewrite_family(workdir: pathlib.Path, top: dict, *, log=print) -> dict:
+  names = [r.get('name') for r in top.get('runs', [])]
+  _write_family(workdir, top, {n: runio.read_json(workdir / n / 'results.json') for n in names})
+  log(f'rewrote {workdir / "results.json"} and {workdir / "report.md"} from the members\' results')
+  return top
 
 
 def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:
@@ -543,11 +566,10 @@ def refresh_family_table(workdir: str | pathlib.Path, *, log=print) -> bool:
     return False
   try:
     with lock.writer(workdir, log=log):
-      _write_family(workdir, top, {n: runio.read_json(workdir / n / 'results.json') for n in names})
+      _rewrite_family(workdir, top, log=log)
   except lock.RunFolderBusy as e:
     log(f'not refreshing the family table: {e}')
     return False
-  log(f'refreshed {top_path} and {workdir / "report.md"} from the members\' results')
   return True
 
 

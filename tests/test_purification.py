@@ -126,6 +126,23 @@ def test_training_attacks_stay_within_tau_and_are_not_clipped_to_a_box(attack, n
     assert np.mean(margin(x_adv) <= margin(x) + 1e-6) > 0.95          # it ascends the loss
 
 
+def test_tau_warms_up_from_the_first_adversarial_step():
+  cfg = _config(dict(name='purification', attack='fgm', norm='linf', tau=0.4, clean_steps=100, adv_steps=50,
+                     tau_warmup_steps=40), dict(name='symmetric_relu', init_std=0.3))
+  method, src = _method(cfg), _source(cfg)
+  x, y = src.test
+  x, y = jnp.asarray(x[:64]), jnp.asarray(y[:64])
+  params = method.init_params(jax.random.key(0), x)
+
+  def size(step):
+    hp = dict(method.hparams(), step=jnp.int32(step))
+    return float(jnp.abs(method.adversarial(params, x, y, jax.random.key(1), hp) - x).max())
+
+  # The adversarial phase starts at step 100 (after the clean phase): tau / 40 there, all of tau 39 steps later.
+  assert size(100) == pytest.approx(0.4 / 40, rel=1e-4) and size(119) == pytest.approx(0.4 / 2, rel=1e-4)
+  assert size(139) == pytest.approx(0.4, rel=1e-4) and size(149) == pytest.approx(0.4, rel=1e-4)
+
+
 def _train(cfg, tmp_path, name='run'):
   res = experiment.run_experiment(cfg, tmp_path / name, None, log=lambda s: None)
   return res, experiment.load_run(tmp_path / name)

@@ -41,6 +41,9 @@ Options (``config.method``):
   norm          'l2' or 'linf'.
   tau           the training radius (traced hparam).
   pgd_steps     steps of the 'pgd' attack (step size ``2.5 tau / pgd_steps``).
+  tau_warmup_steps  ramp tau linearly from 0 over the first N steps of
+                adversarial training (0, the paper's: none; a deep network at
+                a large tau may need it, as madry_mnist's eps warm-up).
   rank          0 = a full update; r > 0 = the rank-r update above.
   linearize     train the model's linearisation at theta_0 (the NTK regime):
                 ``f_lin(x) = f(x; theta_0) + J f(x; theta_0) (theta - theta_0)``,
@@ -94,7 +97,7 @@ class Purification(base.Method):
   BOUNDS = {'clean_steps': config_lib.integer(0, example=2000), 'adv_steps': config_lib.integer(0, example=2000),
             'clean_lr': config_lib.number(0), 'adv_lr': config_lib.number(0),
             'tau': config_lib.number(0, example=0.3), 'pgd_steps': config_lib.integer(1, example=10),
-            'rank': config_lib.integer(0, example=4)}
+            'rank': config_lib.integer(0, example=4), 'tau_warmup_steps': config_lib.integer(0, example=600)}
 
   def __init__(self, model, config, num_classes):
     super().__init__(model, config, num_classes)
@@ -106,6 +109,7 @@ class Purification(base.Method):
     self.clean_lr, self.adv_lr = float(m.get('clean_lr', 0.0)), float(m.get('adv_lr', 0.0))
     self.tau, self.pgd_steps, self.rank = float(m.get('tau', 0.0)), int(m.get('pgd_steps', 10)), int(m.get('rank', 0))
     self.linearize, self.ideal = bool(m.get('linearize', False)), bool(m.get('ideal', False))
+    self.tau_warmup_steps = int(m.get('tau_warmup_steps', 0))
     if self.ideal and (self.linearize or type(model).__name__ != 'SymmetricReLU'):
       raise ValueError('method.ideal=true is the ideal classifier f*: it needs model.name=symmetric_relu '
                        'and method.linearize=false')
@@ -210,6 +214,9 @@ class Purification(base.Method):
     frozen = jax.lax.stop_gradient(params)
     logits_fn = lambda xx, r: self.apply(frozen, xx, r, train=False)[0]
     tau = hparams['tau']
+    if self.tau_warmup_steps and 'step' in hparams:
+      first = self.clean_steps if self.recipe == 'clean_then_adversarial' else 0   # the adversarial phase's first step
+      tau = tau * base.warmup_fraction(dict(step=hparams['step'] - first), self.tau_warmup_steps)
     if self.attack == 'fgm':
       return attacks.fgsm(logits_fn, x, labels, rng, eps=tau, norm=self.norm, box=self.input_box)
     return attacks.pgd(logits_fn, x, labels, rng, eps=tau, norm=self.norm, steps=self.pgd_steps,
