@@ -54,13 +54,6 @@ from geomrobust import runio
 
 TABLE_FIGURE = 'comparison_robust.png'
 GEOMETRY_FIGURE = 'comparison_geometry.png'
-_OPS = ('>', '<', '~')
-# Geometry numbers the panel shows when the members have them (one bar chart each).
-PANEL = (('class_capacity_eps0', 'class_capacity_eps0.1'), ('class_radius_eps0', 'class_radius_eps0.1'),
-         ('class_dimension_eps0', 'class_dimension_eps0.1'), ('exemplar_radius_eps0.1',),
-         ('iso_correlation',), ('boson_distance', 'fermion_distance'))
-
-
 def stderr(p: float, n: int) -> float:
   """Binomial standard error of an accuracy ``p`` over ``n`` images."""
   return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float('nan')
@@ -91,15 +84,11 @@ def validate(config) -> None:
 
 
 def _model_text(model: dict) -> str:
-  """A short description of a model section, e.g. ``mlp 1000 half_tanh`` or ``cnn 16-32 / 256``."""
-  name = model.get('name', '?')
-  if name == 'mlp':
-    return f'mlp {"-".join(str(h) for h in model.get("hidden", ()))} {model.get("activation", "")}'.strip()
-  if 'channels' in model:
-    dense = '-'.join(str(d) for d in model.get('dense', ()))
-    front = f'{model["front_end"]} front, ' if model.get('front_end') else ''
-    return f'{name} ({front}{"-".join(str(c) for c in model["channels"])} / {dense})'
-  return name
+  """A short description of a model section: its name and its sequence-valued
+  fields (the layer sizes), e.g. ``mlp hidden=1000`` or ``cnn channels=16-32 dense=256``."""
+  sizes = [f'{k}={"-".join(str(v) for v in vals)}' for k, vals in sorted(model.items())
+           if isinstance(vals, (list, tuple)) and vals]
+  return ' '.join([str(model.get('name', '?'))] + sizes)
 
 
 def _train_seconds(folder: pathlib.Path, results: dict) -> float:
@@ -321,21 +310,23 @@ def plot(workdir: pathlib.Path, top: dict, member_results: dict[str, dict]) -> l
   fig.savefig(workdir / TABLE_FIGURE, dpi=120)
   plt.close(fig)
   written.append(TABLE_FIGURE)
-  panels = [keys for keys in PANEL if any(k in r['geometry'] for r in top['table'] for k in keys)]
-  if panels:
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
+  keys = [k for k in (top.get('geometry_columns') or []) if any(k in r['geometry'] for r in top['table'])]
+  if keys:
+    cols = min(6, len(keys))
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
     names = [r['name'] for r in top['table']]
-    for ax, keys in zip(axes[0], panels):
-      width = 0.8 / len(keys)
-      for j, k in enumerate(keys):
-        vals = [r['geometry'].get(k) for r in top['table']]
-        ax.bar(np.arange(len(names)) + j * width, [np.nan if v is None else v for v in vals], width, label=k)
-      ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
-      ax.set_xticklabels(names, rotation=70, fontsize=7)
-      ax.legend(fontsize=6)
-    fig.suptitle('Geometry per member (last hidden layer)')
+    for ax, k in zip(axes.flat, keys):
+      vals = [r['geometry'].get(k) for r in top['table']]
+      ax.bar(np.arange(len(names)), [np.nan if v is None else v for v in vals])
+      ax.set_xticks(np.arange(len(names)))
+      ax.set_xticklabels(names, rotation=80, fontsize=6)
+      ax.set_title(k, fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+      ax.axis('off')
+    fig.suptitle('Geometry per member (comparison.geometry columns)')
     fig.tight_layout()
-    fig.savefig(workdir / GEOMETRY_FIGURE, dpi=120)
+    fig.savefig(workdir / GEOMETRY_FIGURE, dpi=110)
     plt.close(fig)
     written.append(GEOMETRY_FIGURE)
   return written

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -166,7 +167,6 @@ def adopt_run(source: pathlib.Path, dest: pathlib.Path, config: ml_collections.C
   its results, masks, report and plots come along (nothing to recompute);
   otherwise the member is evaluated as usual (its training is already done).
   ``results['reused_from']`` names the source."""
-  import shutil
   dest.mkdir(parents=True, exist_ok=True)
   stored = config_lib.fill_defaults(runio.read_json(source / 'config.json'))
   mine = config_lib.fill_defaults(json.loads(config_lib.to_json(config)))

@@ -1,6 +1,7 @@
 """The comparison of methods (compare_mnist): members composed from other
 experiments, the table and its claims, a failing member, reusing finished runs."""
 
+import copy
 import json
 import pathlib
 
@@ -18,6 +19,7 @@ def _family(*members, **top):
   with cfg.unlocked():
     cfg.members = members
     cfg.comparison.claims = ()
+    cfg.comparison.reference = ''
     for k, v in top.items():
       cfg[k] = v
   return cfg
@@ -193,6 +195,7 @@ def test_the_table_equals_the_members_own_results(finished):
 
 def test_a_finished_member_is_reused_not_retrained(finished, tmp_path, shared_data_dir):
   cfg, workdir, _, _ = finished
+  cfg = copy.deepcopy(cfg)   # the fixture's config stays as it was
   with cfg.unlocked():
     cfg.members = tuple(m for m in cfg.members if not m.startswith('broken'))
     cfg.comparison.claims = ()
@@ -208,6 +211,7 @@ def test_a_finished_member_is_reused_not_retrained(finished, tmp_path, shared_da
 
 def test_reuse_with_another_evaluation_evaluates_without_training(finished, tmp_path, shared_data_dir):
   cfg, workdir, _, _ = finished
+  cfg = copy.deepcopy(cfg)   # the fixture's config stays as it was
   with cfg.unlocked():
     cfg.members = tuple(m for m in cfg.members if m.startswith('ce_mlp'))
     cfg.comparison.claims = ()
@@ -228,15 +232,24 @@ def test_reuse_with_another_evaluation_evaluates_without_training(finished, tmp_
   assert not any('not retrained' in line for line in lines) and any(' epoch ' in line for line in lines)
 
 
-def test_a_rerun_rebuilds_the_report_when_the_claims_change(finished):
+def test_a_rerun_rebuilds_the_report_when_the_claims_change(finished, tmp_path, shared_data_dir):
   cfg, workdir, _, _ = finished
+  cfg = copy.deepcopy(cfg)   # the fixture's config stays as it was
+  with cfg.unlocked():
+    cfg.members = tuple(m for m in cfg.members if not m.startswith('broken'))
+  done = tmp_path / 'done'
+  exp_lib.run_experiment(cfg, done, shared_data_dir, log=lambda _: None, reuse=(workdir,))   # finished, no training
   with cfg.unlocked():
     cfg.comparison.claims = ('iso keeps clean accuracy | iso ~ ce_mlp | clean',)
-  # 'broken' failed, so a rerun retries it (and it fails again): the claims are rewritten either way.
-  top = exp_lib.run_experiment(cfg, workdir, None, log=lambda _: None)
+  lines = []
+  top = exp_lib.run_experiment(cfg, done, shared_data_dir, log=lines.append)
+  assert any('already done' in line for line in lines) and any('rewrote' in line for line in lines)
   assert [c['text'] for c in top['claims']] == ['iso keeps clean accuracy']
-  assert 'iso keeps clean accuracy' in (workdir / 'report.md').read_text()
-  assert runio.read_json(workdir / 'config.json')['comparison']['claims'] == ['iso keeps clean accuracy']
+  assert 'iso keeps clean accuracy' in (done / 'report.md').read_text()
+  assert runio.read_json(done / 'config.json')['comparison']['claims'] == list(cfg.comparison.claims)
+  lines = []
+  exp_lib.run_experiment(cfg, done, shared_data_dir, log=lines.append)   # unchanged: nothing rewritten
+  assert not any('rewrote' in line for line in lines)
 
 
 def test_manifold_geometry_reads_only_the_selected_layers():
