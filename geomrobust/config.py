@@ -755,13 +755,30 @@ def member_configs(config: ml_collections.ConfigDict) -> list[tuple[str, dict, m
   for n in only:
     if n not in names:
       raise ConfigError(f'--config.only names unknown member {n!r}; members: {", ".join(names)}')
-  out = []
+  out, built = [], []
   for name, overrides in specs:
-    if only and name not in only:
-      continue
+    # Every member is composed (milliseconds) so that a bad spec or a smoke item no member has fails
+    # at once, whatever --config.only selects.
     start, rest = _member_base(config, base, name, overrides)
-    out.append((name, dict(overrides), _smoke_member(config, apply_overrides(start, rest, where=f'member {name!r}'))))
+    built.append(apply_overrides(start, rest, where=f'member {name!r}'))
+    if not only or name in only:
+      out.append((name, dict(overrides), _smoke_member(config, built[-1])))
+  _check_smoke_keys(config, built)
   return out
+
+
+def _check_smoke_keys(config: ml_collections.ConfigDict, members: list[ml_collections.ConfigDict]) -> None:
+  """In a smoke run, every ``config.smoke`` key must name a field of the
+  family or of some member (``smoke`` skips the family's missing ones for the
+  members' sake; a typo would otherwise shrink nothing, silently)."""
+  if not config.get('smoke_run') or not config.get('smoke'):
+    return
+  for item in config.smoke:
+    key, _ = parse_assignment(item, 'config.smoke')
+    if key in ('only', 'members') or _get(config, key)[0] or any(_get(m, key)[0] for m in members):
+      continue
+    raise ConfigError(f'config.smoke item {item!r}: {key} is a field of neither the experiment nor any of its '
+                      f'members; fix or remove it in experiments/{config.experiment}.py')
 
 
 def _member_base(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, name: str,

@@ -65,13 +65,26 @@ def test_bad_member_specs_fail_with_one_line(spec, message):
 
 def test_smoke_shrinks_members_taken_from_other_experiments():
   cfg = config_lib.smoke(_family('lc: experiment=local_contrastive_mnist; train.epochs=10; '
-                                 'method.readout_epochs=10', 'at: experiment=madry_mnist'))
+                                 'method.readout_epochs=10', 'at: experiment=madry_mnist',
+                                 smoke=('train.epochs=2', 'method.readout_epochs=2')))
   with cfg.unlocked():
     cfg.only = ''   # compare_mnist's smoke picks two of its own members
   (_, _, lc), (_, _, at) = config_lib.member_configs(cfg)
   assert at.method.steps == 2 and at.train.batch_size == 64   # madry_mnist's own smoke
   assert lc.train.epochs == 2 and lc.method.readout_epochs == 2 and lc.smoke_run   # the family's smoke items
   assert lc.data.train_examples <= 512 and lc.eval.num_examples <= 64
+
+
+def test_a_smoke_item_no_member_has_fails_whatever_only_selects():
+  cfg = _family('lc: experiment=local_contrastive_mnist', 'at: experiment=madry_mnist')
+  with cfg.unlocked():
+    cfg.smoke = ('method.readout_epochs=2',)   # only lc has it: fine, even when only at runs
+    cfg.only = 'at'
+  assert [n for n, _, _ in config_lib.member_configs(config_lib.smoke(cfg))] == ['at']
+  with cfg.unlocked():
+    cfg.smoke = ('method.readout_epoch=2',)    # a typo: no member has it
+  with pytest.raises(config_lib.ConfigError, match='method.readout_epoch is a field of neither'):
+    config_lib.member_configs(config_lib.smoke(cfg))
 
 
 # -- claims and sentences -----------------------------------------------------
@@ -153,7 +166,8 @@ def finished(tmp_path_factory, shared_data_dir):
   """A smoke comparison: two MLP members and one whose training diverges."""
   cfg = config_lib.smoke(_family('ce_mlp: experiment=standard_mnist; model={"name": "mlp", "hidden": (64,)}',
                                  'broken: experiment=standard_mnist; train.lr=1e30',
-                                 'iso: experiment=isometric_mnist/beta_1e-1; model={"name": "mlp", "hidden": (64,)}'))
+                                 'iso: experiment=isometric_mnist/beta_1e-1; model={"name": "mlp", "hidden": (64,)}',
+                                 smoke=('train.epochs=2',)))
   with cfg.unlocked():
     cfg.only = ''
     cfg.comparison.claims = ('iso is more robust | iso > ce_mlp | robust@0.1',)
