@@ -12,7 +12,8 @@ This module then reads the members' own ``results.json`` (and
   table    one row per finished member: ``{name, method, model, architecture,
            clean_accuracy, clean_stderr, robust: [{eps, accuracy, stderr}],
            mean_robust, sanity_passed, sanity_failed, train_seconds,
-           eval_seconds, eval_examples, stochastic, geometry: {...}}``;
+           eval_seconds (the evaluation and the probes), eval_examples,
+           stochastic, geometry: {...}}``;
            ``stderr`` is the binomial standard error over the evaluated
            images, sqrt(p (1 - p) / n); ``geometry`` holds each probe's
            :meth:`Probe.comparison_summary` numbers.
@@ -271,7 +272,7 @@ def table_lines(top: dict, eps_grid: list[float]) -> list[str]:
            if all(isinstance(r['geometry'].get(k, 0.0), (int, float)) for r in rows)]
   keys = [k for k in (top.get('geometry_columns') or found) if k in found]
   head = (['member', 'method', 'model', 'architecture', 'clean'] + [f'eps {e:g}' for e in eps_grid] +
-          ['sanity', 'train s', 'eval s', 'n'])
+          ['sanity', 'train s', 'eval + probes s', 'n'])
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for r in rows:
     robust = {round(x['eps'], 9): x for x in r['robust']}
