@@ -79,16 +79,17 @@ def default_config() -> ml_collections.ConfigDict:
                        ``geomrobust.training.augment``).
   eval.profile         a named bundle of the attack fields below
                        (``geomrobust.evaluation.profiles``: mnist_linf,
-                       cifar10_linf, l2, quick); --config.eval.profile=NAME
+                       cifar10_linf, l2, autoattack, quick); --config.eval.profile=NAME
                        applies it before other eval overrides.
   eval.num_examples    evaluate on the first N test examples (0 = all).
   eval.batch_size      attack batch size (examples per compiled chunk).
   eval.norm            linf | l2.
   eval.eps             the eps grid (pixel scale, inputs in [0,1]).
   eval.attacks         attacks run at every eps: fgsm, noise, pgd (CE),
-                       pgd_margin, pgd_dlr, apgd_ce, apgd_dlr. Robust accuracy
-                       is the per-example worst case over all of them.
-  eval.cascade         run each iterative attack only on the examples every
+                       pgd_margin, pgd_dlr, apgd_ce, apgd_dlr, apgd_t (targeted),
+                       square (gradient-free, linf). Robust accuracy is the
+                       per-example worst case over all of them.
+  eval.cascade         run each iterative attack (and square) only on the examples every
                        earlier attack left robust (the worst case is the same,
                        at a fraction of the cost); rows then give the robust
                        accuracy after each attack. False: every attack on
@@ -97,7 +98,14 @@ def default_config() -> ml_collections.ConfigDict:
                        over all attacks' pass verdicts (evaluation/suite.py).
   eval.pgd_steps, eval.pgd_restarts, eval.pgd_step_size (step = this x eps /
                        steps)      PGD settings (all pgd_* attacks).
-  eval.apgd_steps, eval.apgd_restarts   APGD settings.
+  eval.apgd_steps, eval.apgd_restarts   APGD settings (apgd_ce, apgd_dlr; apgd_t
+                       per target).
+  eval.apgd_targets    APGD-T's target classes: the most likely other classes by
+                       clean score (9 for 10 classes: all of them).
+  eval.square_queries, eval.square_p_init   the Square attack: forward passes per
+                       example (5000), and the window's starting area as a
+                       fraction of the image (0.8, halving on the published
+                       schedule).
   eval.noise_samples   random points on the eps-sphere per example (worst kept).
   eval.eot_samples     gradient draws averaged per attack step for stochastic
                        models (EOT, >= 2 for them).
@@ -154,8 +162,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_from = ''
   c.eval = ml_collections.ConfigDict(dict(
       profile='', num_examples=0, batch_size=500, norm='linf', eps=(0.1, 0.2, 0.3), attacks=(),
-      pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, noise_samples=0,
-      eot_samples=16, passes=5, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
+      pgd_steps=0, pgd_restarts=0, pgd_step_size=0.0, apgd_steps=0, apgd_restarts=0, apgd_targets=0,
+      square_queries=0, square_p_init=0.8, noise_samples=0, eot_samples=16, passes=5, sanity=True, large_eps=0.0, check_eps=0.0, trajectories=16, seed=0))
   profiles.apply_profile(c.eval, 'mnist_linf')
   c.parallel = ml_collections.ConfigDict(dict(num_devices=0, distributed=False))
   c.probes = ml_collections.ConfigDict()
@@ -256,7 +264,8 @@ BOUNDS: dict[str, Range] = {
     'eval.batch_size': integer(1),
     'eval.eps': number(0),                  # each eps
     'eval.pgd_steps': integer(0), 'eval.pgd_restarts': integer(0), 'eval.pgd_step_size': number(0),
-    'eval.apgd_steps': integer(0), 'eval.apgd_restarts': integer(0),
+    'eval.apgd_steps': integer(0), 'eval.apgd_restarts': integer(0), 'eval.apgd_targets': integer(0),
+    'eval.square_queries': integer(0), 'eval.square_p_init': number(above=0, hi=1),
     'eval.noise_samples': integer(0),
     'eval.eot_samples': integer(1),
     'eval.passes': integer(1, example=5),
@@ -871,6 +880,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.apgd_steps = min(config.eval.apgd_steps, 5)
     config.eval.apgd_restarts = min(config.eval.apgd_restarts, 1)
     config.eval.noise_samples = min(config.eval.noise_samples, 2)
+    config.eval.apgd_targets = min(config.eval.get('apgd_targets', 0), 2)
+    config.eval.square_queries = min(config.eval.get('square_queries', 0), 20)
     config.eval.eot_samples = min(config.eval.eot_samples, 2)   # passes stay (forward passes are cheap)
     config.eval.trajectories = min(config.eval.trajectories, 4)
     config.smoke_run = True

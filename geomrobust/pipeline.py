@@ -222,11 +222,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   init = str(config.get('init_from', '') or '')
   if init and not (pathlib.Path(init.partition('@')[0]) / 'config.json').exists():
     raise config_lib.ConfigError(f'init_from={init!r}: no run in {init.partition("@")[0]} (config.json missing)')
-  dlr = [r.name for r in evaluation.recipes.resolve(config.eval) if evaluation.recipes.loss_name(r) == 'dlr']
-  if dlr and num_classes < 3:
+  # The DLR loss needs 3 classes; its targeted form (APGD-T) 4.
+  needs = {r.name: 4 if r.attack == 'apgd_t' else 3 for r in evaluation.recipes.resolve(config.eval)
+           if evaluation.recipes.loss_name(r) == 'dlr'}
+  dlr = [name for name, k in needs.items() if num_classes < k]
+  if dlr:
     keep = [a for a in config.eval.attacks if a not in dlr]
     raise config_lib.ConfigError(f'eval.attacks has {", ".join(dlr)} but {config.dataset} has {num_classes} classes; '
-                                 f'the DLR loss needs at least 3 (pass --config.eval.attacks={",".join(keep)})')
+                                 f'the DLR loss needs at least 3 (targeted, apgd_t: 4) (pass '
+                                 f'--config.eval.attacks={",".join(keep)})')
   if method.stochastic:
     # A stochastic model is never evaluated without EOT (evaluation.suite refuses it too, after training).
     if int(config.eval.eot_samples) < 2:

@@ -265,7 +265,7 @@ def test_targeted_attack_reaches_target_on_linear_model():
 # ----------------------------------------------------------------------------- all attacks
 
 _SETTINGS = {'fgsm': {}, 'pgd': {'steps': 5, 'restarts': 2}, 'apgd': {'steps': 8, 'restarts': 2},
-             'noise': {'samples': 3}}
+             'apgd_t': {'steps': 4, 'num_targets': 2}, 'square': {'queries': 30}, 'noise': {'samples': 3}}
 
 
 @pytest.mark.parametrize('norm', ['linf', 'l2'])
@@ -278,6 +278,8 @@ def test_attacks_feasible_and_identity_at_eps_zero(norm):
   y = jnp.arange(6) % 5
   eps = {'linf': 0.3, 'l2': 1.5}[norm]
   for name, settings in _SETTINGS.items():
+    if name == 'square' and norm == 'l2':
+      continue  # L-inf only (test_square_attack_contract)
     attack = _jitted(name, f, norm=norm, **settings)
     x_adv = attack(x, y, _key(0), eps)
     chex.assert_shape(x_adv, x.shape)
@@ -293,7 +295,7 @@ def test_run_attack_registry():
   y = jnp.zeros(2, int)
   out = _jit(lambda x, y, rng: A.run_attack('fgsm', f, x, y, rng, eps=0.1))(x, y, _key(0))
   chex.assert_shape(out, (2, 6))
-  with pytest.raises(ValueError, match='apgd, fgsm, noise, pgd'):
+  with pytest.raises(ValueError, match='apgd, apgd_t, fgsm, noise, pgd, square'):
     A.run_attack('cw', f, x, y, _key(0), eps=0.1)
 
 
@@ -303,6 +305,120 @@ def test_gaussian_noise():
   noisy = np.asarray(A.gaussian_noise(x, _key(0), 5.0))
   assert np.all((noisy >= 0) & (noisy <= 1))
   assert np.any(noisy == 0.0) and np.any(noisy == 1.0)
+
+
+# ----------------------------------------------------------------------------- APGD-T and Square
+
+
+def _dominant_linear(dim=12, classes=5, seed=0):
+  """A linear model whose class 0 wins by a wide bias margin everywhere near x in [0.3, 0.7]^d."""
+  rng = np.random.default_rng(seed)
+  w = jnp.asarray(rng.standard_normal((dim, classes)), jnp.float32)
+  b = jnp.asarray([20.0] + [0.0] * (classes - 1), jnp.float32)
+  return w, b, A.deterministic(lambda x: x @ w + b)
+
+
+def test_apgd_targeted_reaches_the_closed_form_targeted_optimum():
+  """With a linear targeted loss (the targeted margin z_t - z_y while y stays on top), the best
+  over targets is max_t (z_t - z_y)(x) + eps ||w_t - w_y||_1: each target's APGD reaches its
+  optimum and the merge keeps the best target."""
+  w, b, f = _dominant_linear()
+  x = _uniform(3, (16, 12), 0.3, 0.7)
+  y = jnp.zeros(16, jnp.int32)
+  eps = 0.05  # class 0 stays on top: the loss is linear and the box never binds
+  z = f(x, None)
+  gain = eps * jnp.sum(jnp.abs(w[:, 1:] - w[:, :1]), axis=0)                     # [C - 1]
+  optimum = jnp.max(z[:, 1:] - z[:, :1] + gain, axis=1)
+  x_adv = _jitted('apgd_t', f, steps=20, num_targets=4, loss='margin')(x, y, _key(0), eps)
+  _assert_feasible(x_adv, x, eps, 'linf')
+  z_adv = f(x_adv, None)
+  np.testing.assert_allclose(jnp.max(z_adv[:, 1:] - z_adv[:, :1], axis=1), optimum, rtol=1e-4, atol=1e-4)
+  # One target: only the most likely other class is attacked, and its optimum is reached.
+  top = jnp.argmax(z[:, 1:], axis=1) + 1
+  x_one = _jitted('apgd_t', f, steps=20, num_targets=1, loss='margin')(x, y, _key(0), eps)
+  reached = jnp.take_along_axis(f(x_one, None), top[:, None], 1)[:, 0] - f(x_one, None)[:, 0]
+  np.testing.assert_allclose(reached, jnp.take_along_axis(z, top[:, None], 1)[:, 0] - z[:, 0]
+                             + gain[top - 1], rtol=1e-4, atol=1e-4)
+  # Running the targets vmapped changes nothing (same keys per target).
+  x_vmapped = _jitted('apgd_t', f, steps=20, num_targets=4, loss='margin', target_batch=4)(x, y, _key(0), eps)
+  np.testing.assert_allclose(x_vmapped, x_adv, atol=1e-6)
+
+
+def test_apgd_targeted_attacks_the_most_likely_other_classes_first():
+  """Class 1 (ranked second by the clean logits) cannot be reached, class 2 (third) can:
+  one target fails, two targets succeed, and success is any misclassification."""
+  dim = 8
+  w = np.zeros((dim, 4), np.float32)
+  w[:, 2] = 1.0                                  # only class 2 moves with the input
+  b = jnp.asarray([3.0, 2.5, -1.0, -5.0])
+  f = A.deterministic(lambda x: x @ jnp.asarray(w) + b)
+  x = jnp.full((4, dim), 0.3)
+  y = jnp.zeros(4, jnp.int32)                   # clean logits [3, 2.5, 1.4, -5]: ranks 1, 2 = classes 1, 2
+  eps = 0.3                                     # class 2 can gain 8 * 0.3 = 2.4 > 3 - 1.4
+  one = _jitted('apgd_t', f, steps=10, num_targets=1)(x, y, _key(0), eps)
+  two = _jitted('apgd_t', f, steps=10, num_targets=2)(x, y, _key(0), eps)
+  np.testing.assert_array_equal(_predict(f, one), 0)
+  np.testing.assert_array_equal(_predict(f, two), 2)
+  with pytest.raises(ValueError, match='num_targets'):
+    A.apgd_targeted(f, x, y, _key(0), eps=eps, num_targets=0)
+
+
+def test_square_window_schedule():
+  from geomrobust.attacks.square import window_fraction, window_sizes
+  # The published schedule on a 10,000-query budget, and its rescaling.
+  assert window_fraction(10, 10000, 0.8) == 0.8 and window_fraction(11, 10000, 0.8) == 0.4
+  assert window_fraction(8001, 10000, 0.8) == pytest.approx(0.8 / 512)
+  assert window_fraction(5, 1000, 0.8) == 0.4                       # 5 / 1000 = 50 / 10,000
+  sizes = window_sizes(1000, 0.8, 28, 28)
+  assert tuple(sizes[0]) == (25, 25) and tuple(sizes[-1]) == (1, 1)        # round(sqrt(0.8) * 28) = 25
+  assert (np.diff(sizes[:, 0]) <= 0).all()
+  runs = window_sizes(1000, 0.8, 1, 100)                             # a vector: runs of entries
+  assert tuple(runs[0]) == (1, 80) and tuple(runs[-1]) == (1, 1)
+
+
+@pytest.mark.parametrize('shape', [(6, 5, 5, 3), (6, 7, 5), (6, 40)])
+def test_square_attack_contract(shape):
+  """Inside the eps-ball and the box for images, [B, H, W] and vectors, whatever the start;
+  the accepted margin never decreases; identity at eps 0."""
+  x = _uniform(5, shape)
+  x = jnp.where(x > 0.5, jnp.minimum(1.0, x + 0.4), jnp.maximum(0.0, x - 0.4))   # many entries at the box edges
+  d = int(np.prod(shape[1:]))
+  w = jnp.asarray(np.random.default_rng(6).standard_normal((d, 5)), jnp.float32)
+  f = A.deterministic(lambda v: 3.0 * jnp.tanh(v.reshape(v.shape[0], -1) @ w))
+  y = jnp.asarray(_predict(f, x))
+  run = _jitted('square', f, queries=60, return_losses=True)
+  x_adv, trace = run(x, y, _key(0), 0.1)
+  _assert_feasible(x_adv, x, 0.1, 'linf')
+  trace = np.asarray(trace)                                                  # [restarts, queries, B]
+  assert trace.shape == (1, 60, shape[0]) and (np.diff(trace, axis=1) >= 0).all()
+  assert trace[0, -1].sum() > trace[0, 0].sum()                              # it made progress
+  np.testing.assert_allclose(losses.margin(f(x_adv, None), y), trace[0, -1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(run(x, y, _key(1), 0.0)[0]), np.asarray(x))
+  with pytest.raises(ValueError, match="norm='linf' only"):
+    A.square(f, x, y, _key(0), eps=0.1, norm='l2')
+
+
+def test_square_breaks_a_gradient_masked_model_the_gradient_attacks_cannot():
+  """Logits of rounded inputs: the input gradient is exactly zero, so PGD and APGD never
+  move from their (harmless) random starts, while Square, from forward passes only, breaks
+  the examples a linear attack could."""
+  dim = 64
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.choice([-1.0, 1.0], (dim, 3)), jnp.float32)
+  honest = A.deterministic(lambda v: v @ w)
+  masked = A.deterministic(lambda v: jnp.round(v * 8) / 8 @ w)
+  x = _uniform(2, (32, dim), 0.3, 0.7)
+  y = jnp.asarray(_predict(masked, x))
+  eps = 0.1
+  linear_pgd = _jitted('pgd', honest, steps=20)(x, y, _key(0), eps)
+  breakable = _predict(masked, linear_pgd) != y
+  assert breakable.mean() > 0.8
+  for name, settings in [('pgd', {'steps': 20, 'restarts': 2}), ('apgd', {'steps': 20})]:
+    fooled = _predict(masked, _jitted(name, masked, **settings)(x, y, _key(0), eps)) != y
+    assert fooled.mean() < 0.2, name
+  x_sq = _jitted('square', masked, queries=300)(x, y, _key(0), eps)
+  _assert_feasible(x_sq, x, eps, 'linf')
+  assert (_predict(masked, x_sq) != y).mean() > 0.8
 
 
 # ----------------------------------------------------------------------------- EOT

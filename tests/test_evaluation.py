@@ -119,9 +119,10 @@ def test_the_cascade_gives_the_all_examples_worst_case(honest):
   """Iterative attacks on the survivors only: the same per-example worst case
   (and every attack's verdicts, accumulated) as every attack on every example."""
   params, x, y = honest
-  attacks_ = ('pgd', 'pgd_margin', 'apgd_ce', 'apgd_dlr')
-  full = _run(_mlp, params, x, y, _ev(cascade=False, attacks=attacks_))
-  cascade = _run(_mlp, params, x, y, _ev(cascade=True, attacks=attacks_))
+  attacks_ = ('pgd', 'pgd_margin', 'apgd_ce', 'apgd_dlr', 'apgd_t', 'square')
+  budget = dict(apgd_targets=3, square_queries=200)
+  full = _run(_mlp, params, x, y, _ev(cascade=False, attacks=attacks_, **budget))
+  cascade = _run(_mlp, params, x, y, _ev(cascade=True, attacks=attacks_, **budget))
   order = ('fgsm', 'noise') + attacks_
   for eps in (0.05, 0.1, 0.2):
     np.testing.assert_array_equal(cascade['masks'][f'worst_case@{eps:g}'], full['masks'][f'worst_case@{eps:g}'])
@@ -142,6 +143,38 @@ def test_the_cascade_gives_the_all_examples_worst_case(honest):
   assert set(cascade['sanity']) == set(full['sanity'])
   assert all(v['passed'] for v in cascade['sanity'].values()), cascade['sanity']
   assert 'every example' in cascade['sanity']['iterative_le_single_step']['detail']
+  assert 'gradient_free' in cascade['sanity']
+  row = next(r for r in cascade['robustness'] if r['attack'] == 'apgd_t')
+  assert row['targets'] == 3 and next(r for r in cascade['robustness'] if r['attack'] == 'square')['queries'] == 200
+
+
+def test_square_flags_gradient_masking_the_gradient_attacks_miss(honest):
+  """On inputs rounded to 8 levels (zero input gradient) the gradient attacks break almost
+  nothing beyond what random starts do; Square breaks what they left: gradient_free fails.
+  The honest model's run in the cascade test above passes it."""
+  params, x, y = honest
+  res = _run(_rounded, params, x, y, _ev(attacks=('pgd', 'apgd_ce', 'square'), square_queries=300, sanity=False))
+  check = res['sanity']['gradient_free']
+  assert not check['passed'] and 'masked' in check['detail'], check
+  assert check['value'] > 0.2
+
+
+def test_gradient_free_check_thresholds():
+  """Square may add the tolerance, or a tenth of what the other attacks broke, whichever is larger."""
+  n = 1000
+  clean = suite.Verdicts(np.ones(n, bool))
+  rl = recipes.resolve(_ev(attacks=('pgd', 'square'), sanity=False))
+
+  def run(g_broke, s_extra):
+    pgd = np.ones(n, bool)
+    pgd[:g_broke] = False
+    sq = pgd.copy()
+    sq[g_broke:g_broke + s_extra] = False
+    return sanity.gradient_free_check(rl, {'clean': clean, 'pgd@0.1': suite.Verdicts(pgd),
+                                           'square@0.1': suite.Verdicts(sq)}, n)['gradient_free']
+
+  assert run(0, 5)['passed'] and not run(0, 6)['passed']          # the tolerance: 0.5% of 1000
+  assert run(400, 40)['passed'] and not run(400, 41)['passed']    # 10% of the 40% broken
 
 
 def test_verdicts_do_not_depend_on_batch_size_subset_or_grid(honest):
@@ -462,6 +495,9 @@ def test_grid_checks_flag_a_non_monotone_curve_and_a_weak_iterative_attack():
     (dict(attacks=()), 'eval.attacks is empty'),
     (dict(pgd_steps=0), "eval.pgd_steps=0"),
     (dict(norm='l1'), "unknown eval.norm 'l1'"),
+    (dict(attacks=('pgd', 'square'), norm='l2'), 'square, which is built for linf only'),
+    (dict(attacks=('square',), square_queries=0), 'eval.square_queries=0'),
+    (dict(attacks=('apgd_t',), apgd_targets=0), 'eval.apgd_targets=0'),
 ])
 def test_bad_eval_configs_are_one_clear_error(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -475,5 +511,10 @@ def test_sanity_adds_fgsm_and_noise_and_profiles_apply_first():
                                    [('eval.pgd_steps', '7'), ('eval.profile', 'quick')])
   assert cfg.eval.profile == 'quick' and cfg.eval.pgd_steps == 7 and cfg.eval.attacks == ('fgsm', 'noise', 'pgd',
                                                                                            'apgd_dlr')
+  # Square goes after every gradient attack whatever the order given (the gradient_free check).
+  assert [r.name for r in recipes.resolve(_ev(attacks=('square', 'apgd_t')))] == ['fgsm', 'noise', 'apgd_t', 'square']
+  aa = config_lib.apply_overrides(config_lib.default_config(), [('eval.profile', 'autoattack')])
+  assert [r.name for r in recipes.resolve(aa.eval)] == ['fgsm', 'noise', 'apgd_ce', 'apgd_t', 'square']
+  assert {r.name: r.budget for r in recipes.resolve(aa.eval)}['apgd_t'] == {'targets': 9}
   with pytest.raises(config_lib.ConfigError, match="unknown eval.profile 'strong'"):
     config_lib.apply_overrides(config_lib.default_config(), [('eval.profile', 'strong')])

@@ -1,4 +1,4 @@
-"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1): step-size-free PGD with momentum.
+"""Auto-PGD (Croce & Hein, ICML 2020, Algorithm 1): step-size-free PGD with momentum, and APGD-T.
 
 Differences from the reference PyTorch code, all deliberate:
   * the whole run is compiled: a ``fori_loop`` over steps with the checkpoint
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomrobust.attacks import common
-from geomrobust.attacks.eot import LogitsFn, eot_value_and_grad
+from geomrobust.attacks import losses as losses_lib
+from geomrobust.attacks.eot import LogitsFn, eot_value, eot_value_and_grad
 from geomrobust.attacks.norms import UNIT_BOX, Box, check_norm, expand_to, project, random_init, step_direction
 
 
@@ -95,6 +96,15 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
     raise ValueError(f'steps must be >= 0, got {steps}')
   x = common.as_input(x)
   goal = common.make_goal(loss, labels, targeted, target_labels)
+  best, losses = _run(logits_fn, goal, x, rng, eps=eps, norm=norm, steps=steps, restarts=restarts, rho=rho,
+                      alpha=alpha, random_start=random_start, eot_samples=eot_samples, box=box)
+  x_adv = jax.lax.stop_gradient(best.x)
+  return (x_adv, losses) if return_losses else x_adv
+
+
+def _run(logits_fn: LogitsFn, goal: common.Goal, x, rng, *, eps, norm, steps, restarts, rho, alpha, random_start,
+         eot_samples, box) -> tuple[common.Best, jax.Array]:
+  """APGD's restarts towards ``goal``: ``(best over restarts, losses [restarts, steps + 1, B])``."""
   value_and_grad = eot_value_and_grad(logits_fn, goal.objective, eot_samples)
   is_check, interval = _schedule(steps)
   batch = x.shape[0]
@@ -160,6 +170,56 @@ def apgd(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps:
     state, losses = jax.lax.fori_loop(0, steps, body, (state, losses))
     return state.best, losses
 
-  best, losses = common.run_restarts(run_one, x, rng, restarts)
+  return common.run_restarts(run_one, x, rng, restarts)
+
+
+def apgd_targeted(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', steps: int = 100,
+                  restarts: int = 1, num_targets: int = 9, target_batch: int = 1, loss: str = 'dlr',
+                  rho: float = 0.75, alpha: float = 0.75, random_start: bool = True, eot_samples: int = 1,
+                  return_losses: bool = False, box: Box = UNIT_BOX):
+  """APGD-T (Croce & Hein 2020): APGD on a targeted loss, once per target class.
+
+  x: [B, ...], labels: [B] -> x_adv [B, ...]. The targets of an example are
+  the ``num_targets`` classes other than its label with the highest clean
+  score (the mean softmax over ``eot_samples`` draws; at most C - 1 targets);
+  for each, :func:`apgd` with ``restarts`` restarts maximises the targeted
+  ``loss`` (default: targeted DLR, ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``).
+  Success is misclassification (any wrong class, as in AutoAttack's
+  evaluation), so the best point over all targets and restarts is a
+  misclassified one whenever any run found one.
+
+  Cost: ``num_targets * restarts * (steps + 1)`` gradient evaluations.
+  ``target_batch`` targets run at once (vmapped; memory grows with it);
+  the default 1 runs them one after another. Target ``j`` uses the key
+  ``fold_in(attack key, j)``, so a target's run is the same whatever
+  ``num_targets`` or ``target_batch`` is. With ``return_losses`` it returns
+  ``(x_adv, losses [num_targets * restarts, steps + 1, B])``.
+  """
+  check_norm(norm)
+  if num_targets < 1 or target_batch < 1:
+    raise ValueError(f'need num_targets >= 1 and target_batch >= 1, got {num_targets}, {target_batch}')
+  x = common.as_input(x)
+  loss_fn = losses_lib.get_loss(loss)
+  k_clean, k_attack = jax.random.split(rng)
+  scores = eot_value(logits_fn, lambda z: jnp.zeros(z.shape[:1]), eot_samples)(x, k_clean).probs  # [B, C]
+  num_classes = scores.shape[-1]
+  num_targets = min(num_targets, num_classes - 1)
+  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, scores)
+  ranked = jnp.argsort(-others, axis=-1)[:, :num_targets]                  # [B, T], best target first
+  misclassified = lambda p: jnp.argmax(p, axis=-1) != labels  # noqa: E731
+
+  def one_target(j):
+    target = ranked[:, j]
+    goal = common.Goal(lambda z: loss_fn(z, labels, target), misclassified)
+    return _run(logits_fn, goal, x, jax.random.fold_in(k_attack, j), eps=eps, norm=norm, steps=steps,
+                restarts=restarts, rho=rho, alpha=alpha, random_start=random_start, eot_samples=eot_samples,
+                box=box)
+
+  bests, losses = jax.lax.map(one_target, jnp.arange(num_targets), batch_size=min(target_batch, num_targets))
+  best = jax.tree.map(lambda a: a[0], bests)
+  for j in range(1, num_targets):
+    best = common.merge_best(best, jax.tree.map(lambda a, j=j: a[j], bests))
   x_adv = jax.lax.stop_gradient(best.x)
-  return (x_adv, losses) if return_losses else x_adv
+  if return_losses:
+    return x_adv, losses.reshape((-1,) + losses.shape[2:])
+  return x_adv

@@ -6,11 +6,18 @@ experiment names one (``config.eval.profile``) so methods are compared under
 the same attacks:
 
   mnist_linf    the default for MNIST-like data, L-infinity: FGSM, sign noise,
-                PGD-CE and PGD-margin with 100 steps x 5 restarts, APGD-CE and
-                APGD-DLR with 100 steps (evaluation.md).
+                APGD-CE, APGD-DLR and APGD-T (9 targets) with 100 steps, PGD-CE
+                and PGD-margin with 100 steps x 5 restarts, and the Square
+                attack with 5,000 queries (evaluation.md; AutoAttack's
+                standard suite is inside it but for FAB-T, see the README).
   cifar10_linf  the same attacks with PGD 50 steps x 2 restarts (CIFAR models
-                are far more expensive per step; APGD keeps 100 steps).
-  l2            the MNIST profile in the L2 norm.
+                are far more expensive per step; the APGDs keep 100 steps).
+  l2            the MNIST profile in the L2 norm, without Square (built for
+                L-inf only).
+  autoattack    AutoAttack's standard suite as this evaluation runs it:
+                APGD-CE (100 steps), APGD-T (9 targets x 100 steps), Square
+                (5,000 queries), cascaded (FGSM and noise join for the sanity
+                checks); FAB-T is not built (README, "Evaluation").
   quick         FGSM, noise, PGD-CE 40 x 1 and APGD-DLR 40: a cheap screen
                 (e.g. every point of a sweep), not a final number.
 
@@ -31,14 +38,17 @@ from __future__ import annotations
 
 import ml_collections
 
-_STRONG = dict(attacks=('fgsm', 'noise', 'pgd', 'pgd_margin', 'apgd_ce', 'apgd_dlr'),
-               pgd_steps=100, pgd_restarts=5, pgd_step_size=2.5, apgd_steps=100, apgd_restarts=1,
-               noise_samples=10, cascade=True)
+# Cheapest first: in a cascade the costlier attacks then face only what the
+# earlier ones left (the worst case does not depend on the order).
+_STRONG = dict(attacks=('fgsm', 'noise', 'apgd_ce', 'apgd_dlr', 'apgd_t', 'pgd', 'pgd_margin', 'square'),
+               pgd_steps=100, pgd_restarts=5, pgd_step_size=2.5, apgd_steps=100, apgd_restarts=1, apgd_targets=9,
+               square_queries=5000, square_p_init=0.8, noise_samples=10, cascade=True)
 
 PROFILES: dict[str, dict] = {
     'mnist_linf': dict(_STRONG, norm='linf'),
     'cifar10_linf': dict(_STRONG, norm='linf', pgd_steps=50, pgd_restarts=2),
-    'l2': dict(_STRONG, norm='l2'),
+    'l2': dict(_STRONG, norm='l2', attacks=tuple(a for a in _STRONG['attacks'] if a != 'square')),
+    'autoattack': dict(_STRONG, norm='linf', attacks=('apgd_ce', 'apgd_t', 'square')),
     'quick': dict(attacks=('fgsm', 'noise', 'pgd', 'apgd_dlr'), pgd_steps=40, pgd_restarts=1,
                   pgd_step_size=2.5, apgd_steps=40, apgd_restarts=1, noise_samples=4, cascade=True),
 }

@@ -11,6 +11,15 @@
   apgd_ce     APGD (Croce & Hein 2020), CE loss, ``eval.apgd_steps`` x
               ``eval.apgd_restarts``: step-size free, momentum 0.75.
   apgd_dlr    APGD with the DLR loss (defeats logit-scale masking).
+  apgd_t      APGD-T: APGD on the targeted DLR loss against each of the
+              ``eval.apgd_targets`` most likely other classes, ``eval.apgd_steps``
+              x ``eval.apgd_restarts`` per target (AutoAttack's strongest part).
+  square      the Square attack (Andriushchenko et al. 2020): gradient-free
+              random search, ``eval.square_queries`` forward passes per
+              example, window area starting at ``eval.square_p_init`` of the
+              image (L-inf only). The backstop against gradient masking: it
+              always runs after the gradient attacks, and the sanity check
+              ``gradient_free`` counts what it breaks that they did not.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ class Recipe:
   attack: str                       # key of attacks.ATTACKS
   options: tuple = ()               # static keyword arguments, as sorted (key, value) pairs
   steps: int = 0                    # gradient steps per restart (0: no gradient)
-  restarts: int = 1
+  restarts: int = 1                 # restarts (apgd_t: per target; noise: samples)
   step_size_factor: float | None = None  # step = factor * eps / steps (PGD only)
+  queries: int = 0                  # forward passes per restart of a gradient-free search (square)
 
   @property
   def kwargs(self) -> dict:
@@ -40,11 +50,37 @@ class Recipe:
 
   @property
   def iterative(self) -> bool:
-    return self.attack in ('pgd', 'apgd')
+    """An iterative gradient attack (PGD, APGD, APGD-T)."""
+    return self.attack in ('pgd', 'apgd', 'apgd_t')
 
   @property
   def uses_gradient(self) -> bool:
-    return self.attack != 'noise'
+    return self.attack not in ('noise', 'square')
+
+  @property
+  def searches(self) -> bool:
+    """A gradient-free search (Square): cascades like an iterative attack."""
+    return self.attack == 'square'
+
+  @property
+  def cascades(self) -> bool:
+    """Runs, in a cascade, only on the examples still robust (the costly attacks)."""
+    return self.iterative or self.searches
+
+  @property
+  def budget(self) -> dict:
+    """What a result row adds about this attack's budget: ``targets`` (APGD-T), ``queries`` (Square)."""
+    out = {}
+    if 'num_targets' in self.kwargs:
+      out['targets'] = int(self.kwargs['num_targets'])
+    if self.queries:
+      out['queries'] = int(self.queries)
+    return out
+
+  @property
+  def random_baseline(self) -> bool:
+    """Random noise: a fresh sample at every eps, not one attack curve."""
+    return self.attack == 'noise'
 
   def replace(self, name: str | None = None, **changes) -> 'Recipe':
     """A variant with other steps / restarts / options (``options`` given as a dict)."""
@@ -56,8 +92,9 @@ class Recipe:
     return dataclasses.replace(self, name=name or self.name, options=tuple(sorted(opts.items())), **changes)
 
 
-def _recipe(name: str, attack: str, steps: int, restarts: int, factor: float | None, options: dict) -> Recipe:
-  return Recipe(name, attack, tuple(sorted(options.items())), steps, restarts, factor)
+def _recipe(name: str, attack: str, steps: int, restarts: int, factor: float | None, options: dict,
+            queries: int = 0) -> Recipe:
+  return Recipe(name, attack, tuple(sorted(options.items())), steps, restarts, factor, queries)
 
 
 def available(ev: ml_collections.ConfigDict) -> dict[str, Recipe]:
@@ -65,6 +102,8 @@ def available(ev: ml_collections.ConfigDict) -> dict[str, Recipe]:
   steps, restarts, factor = int(ev.pgd_steps), int(ev.pgd_restarts), float(ev.pgd_step_size)
   a_steps, a_restarts = int(ev.apgd_steps), int(ev.apgd_restarts)
   samples = max(int(ev.noise_samples), 1)
+  targets = int(ev.get('apgd_targets', 9))
+  queries, p_init = int(ev.get('square_queries', 5000)), float(ev.get('square_p_init', 0.8))
 
   def pgd(name, loss):
     return _recipe(name, 'pgd', steps, restarts, factor, dict(loss=loss, steps=steps, restarts=restarts))
@@ -80,6 +119,9 @@ def available(ev: ml_collections.ConfigDict) -> dict[str, Recipe]:
       'pgd_dlr': pgd('pgd_dlr', 'dlr'),
       'apgd_ce': apgd('apgd_ce', 'ce'),
       'apgd_dlr': apgd('apgd_dlr', 'dlr'),
+      'apgd_t': _recipe('apgd_t', 'apgd_t', a_steps, a_restarts, None,
+                        dict(loss='dlr', steps=a_steps, restarts=a_restarts, num_targets=targets)),
+      'square': _recipe('square', 'square', 0, 1, None, dict(queries=queries, p_init=p_init), queries=queries),
   }
 
 
@@ -89,7 +131,9 @@ def resolve(ev: ml_collections.ConfigDict, eot_samples: int = 1) -> list[Recipe]
 
   With ``eval.sanity`` on, ``fgsm`` and ``noise`` are added when missing:
   the checks "iterative <= single step" and "gradient <= noise" need them,
-  and both are cheap.
+  and both are cheap. A gradient-free search (``square``) is moved after
+  every gradient attack, so that in a cascade it faces only what they left
+  (its row's ``broke`` is then what the ``gradient_free`` check reads).
   """
   table = available(ev)
   if ev.norm not in ('linf', 'l2'):
@@ -104,6 +148,7 @@ def resolve(ev: ml_collections.ConfigDict, eot_samples: int = 1) -> list[Recipe]
       raise ValueError(f'unknown eval.attacks entry {name!r}; available: {", ".join(table)}')
   if bool(ev.get('sanity', True)):
     names = [n for n in ('fgsm', 'noise') if n not in names] + names
+  names = [n for n in names if not table[n].searches] + [n for n in names if table[n].searches]
   out = []
   for name in names:
     r = table[name]
@@ -111,10 +156,21 @@ def resolve(ev: ml_collections.ConfigDict, eot_samples: int = 1) -> list[Recipe]
       family = 'pgd' if r.attack == 'pgd' else 'apgd'
       raise ValueError(f'eval.attacks has {name!r} but eval.{family}_steps={r.steps}, eval.{family}_restarts='
                        f'{r.restarts}; both must be >= 1')
+    if r.attack == 'apgd_t' and r.kwargs['num_targets'] < 1:
+      raise ValueError(f'eval.attacks has apgd_t but eval.apgd_targets={r.kwargs["num_targets"]}; it must be >= 1 '
+                       f'(9 for 10 classes)')
+    if r.searches:
+      if r.queries < 1:
+        raise ValueError(f'eval.attacks has square but eval.square_queries={r.queries}; it must be >= 1 (5000 is '
+                         f'the standard budget)')
+      if ev.norm != 'linf':
+        raise ValueError(f'eval.attacks has square, which is built for linf only, but eval.norm={ev.norm!r}: '
+                         f'remove it (--config.eval.attacks=...) or evaluate in linf')
     out.append(r.replace(options=dict(norm=ev.norm, eot_samples=eot_samples)))
   return out
 
 
 def loss_name(recipe: Recipe) -> str:
-  """The attack loss a recipe maximises ('ce', 'margin', 'dlr'; '' for noise)."""
-  return str(recipe.kwargs.get('loss', 'ce' if recipe.uses_gradient else ''))
+  """The attack loss a recipe maximises ('ce', 'margin', 'dlr' (apgd_t: targeted); '' for noise)."""
+  default = 'margin' if recipe.searches else 'ce' if recipe.uses_gradient else ''
+  return str(recipe.kwargs.get('loss', default))

@@ -4,6 +4,15 @@ Each check is ``{passed: bool, value: float, detail: str}``; a failure is
 reported (results.json, report.md, a WARNING line in the log), never hidden.
 Checks read the attack grid, and some run attacks of their own:
 
+  gradient_free            (with ``square`` in the list) the gradient-free
+                           Square attack, run after every other attack, breaks
+                           at most a few of the examples they all left robust:
+                           at every eps at most ``max(tolerance, 10% of what
+                           the other attacks broke together)`` of the set.
+                           Square cannot be fooled by gradient masking; a
+                           model it breaks far beyond the gradient attacks
+                           has gradients that mislead them (AutoAttack's
+                           Square adds a few examples on honest models).
   eps0_equals_clean        PGD at eps = 0 changes no verdict (catches
                            train-mode BatchNorm and randomness mistakes).
   monotone_in_eps          accuracy never rises with eps (per attack and for
@@ -124,6 +133,8 @@ from geomrobust.evaluation import recipes as recipes_lib
 
 # With no input box, the large-eps check's eps is this many times max |x| (the data scale).
 NO_BOX_SCALE = 10.0
+# gradient_free: Square may add at most this share of what the other attacks broke (or the tolerance).
+GRADIENT_FREE_SHARE = 0.1
 # Stochastic models: accuracy comparisons allow this many standard errors of the difference.
 SE_MULTIPLE = 3.0
 # batch_size_invariance: clean scores at two batch sizes agree to this fraction of their scale.
@@ -170,7 +181,7 @@ def grid_checks(clean: float, rows: list[dict], recipe_list, n: int, clean_se: f
   # Random noise draws afresh at every eps: its accuracies are each a sample
   # (binomial standard error over the n examples), not one curve, so only a
   # rise beyond their sampling error counts (measured: rises of 1-3% at n = 200).
-  random = {r.name for r in recipe_list if not r.uses_gradient}
+  random = {r.name for r in recipe_list if r.random_baseline}
   rise, where, allowed = 0.0, '', tol
   for attack, curve in acc.items():
     eps = sorted(e for e in curve if e > 0)
@@ -217,6 +228,40 @@ def grid_checks(clean: float, rows: list[dict], recipe_list, n: int, clean_se: f
   gap_check('iterative_le_single_step', 'fgsm', iterative, 'iterative attack')
   gap_check('gradient_le_noise', 'noise', gradient, 'gradient attack')
   return checks
+
+
+def gradient_free_check(recipe_list, verdicts: dict, n: int) -> dict:
+  """``gradient_free`` (see the module doc) from the grid's ``suite.Verdicts``
+  (``verdicts['clean']`` and ``verdicts['attack@eps']``); empty without a search attack."""
+  from geomrobust.evaluation import suite
+  searches = [r.name for r in recipe_list if r.searches]
+  others = [r.name for r in recipe_list if not r.searches]
+  if not searches:
+    return {}
+  eps_grid = sorted({float(k.rpartition('@')[2]) for k in verdicts if k.startswith(f'{searches[0]}@')})
+  tol = tolerance(n)
+  worst = None  # (extra - allowed, extra, allowed, broke, eps) at the eps nearest failing
+  for eps in eps_grid:
+    before = suite.worst_case([verdicts['clean']] + [verdicts[f'{r}@{eps:g}'] for r in others])
+    after = suite.worst_case([before] + [verdicts[f'{r}@{eps:g}'] for r in searches])
+    clean, a_before, a_after = (suite.accuracy_stats(v) for v in (verdicts['clean'], before, after))
+    extra = a_before['accuracy'] - a_after['accuracy']
+    broke = clean['accuracy'] - a_before['accuracy']
+    allowed = max(tol, GRADIENT_FREE_SHARE * broke) + sampling_allowance(a_before.get('accuracy_se', 0.0),
+                                                                          a_after.get('accuracy_se', 0.0))
+    if worst is None or extra - allowed > worst[0]:
+      worst = (extra - allowed, extra, allowed, broke, eps)
+  if worst is None:
+    return {}
+  _, extra, allowed, broke, eps = worst
+  passed = extra <= allowed + 1e-9  # accuracies are float means: k / n exactly at the limit passes
+  detail = (f'{"+".join(searches)} broke {100 * extra:.2f}% of the set beyond every other attack at eps={eps:g} '
+            f'(they broke {100 * broke:.2f}% together); allowed {allowed:.3g}: the larger of the tolerance and '
+            f'{GRADIENT_FREE_SHARE:.0%} of theirs')
+  if not passed:
+    detail += ('. A gradient-free attack beats the gradient attacks: the gradients are masked, and the gradient '
+               "attacks' numbers overstate robustness")
+  return {'gradient_free': _check(passed, extra, detail)}
 
 
 def choose_check_eps(ev, clean: float, rows: list[dict]) -> float | None:
@@ -314,7 +359,8 @@ def attack_checks(runner, recipe_list, masks: dict, clean_mask: np.ndarray, chec
   # In a cascade no iterative attack ran on every example: PGD with one restart does, here,
   # and also stands in for the iterative attacks against FGSM and noise (2 and 3).
   cascade = any(r.get('cascade') for r in rows or [])
-  main = pgd1 if cascade else next((r for r in recipe_list if r.iterative), pgd)
+  # (The probe mirrors PGD's and APGD's starts and first steps.)
+  main = pgd1 if cascade else next((r for r in recipe_list if r.attack in ('pgd', 'apgd')), pgd)
   ref = None if cascade else masks.get(f'{main.name}@{check_eps:g}')
   if ref is None:
     ref = runner.mask(main, check_eps)

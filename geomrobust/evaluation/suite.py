@@ -480,9 +480,10 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
     for eps in eps_grid:
       t0 = time.perf_counter()
       key = f'{recipe.name}@{eps:g}'
-      row = dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts, eot=eot)
+      row = dict(attack=recipe.name, norm=ev.norm, eps=eps, steps=recipe.steps, restarts=recipe.restarts, eot=eot,
+                 **recipe.budget)
       note = ''
-      if cascade and recipe.iterative and (recipe.name, eps) not in keep:
+      if cascade and recipe.cascades and (recipe.name, eps) not in keep:
         # Only the survivors face it; its mask and row are the robust set after it (cumulative).
         faced = np.flatnonzero(alive[eps])
         survived = runner.mask(recipe, eps, subset=faced)
@@ -509,6 +510,7 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
   t_grid = time.perf_counter() - t_start
 
   checks = sanity_lib.grid_checks(clean, rows, recipe_list, n, clean_se=clean_stats.get('accuracy_se', 0.0))
+  checks.update(sanity_lib.gradient_free_check(recipe_list, verdicts, n))
   check_eps = sanity_lib.choose_check_eps(ev, clean, rows)
   if bool(ev.get('sanity', True)):
     checks.update(sanity_lib.attack_checks(runner, recipe_list, masks, clean_mask, check_eps, log=log, tag=tag,

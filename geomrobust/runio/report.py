@@ -184,6 +184,10 @@ def _attack_summary(results: dict) -> str:
   for name, r in seen.items():
     budget = f' {r["steps"]} steps x {r["restarts"]} restarts' if r['steps'] > 1 else (
         f' worst of {r["restarts"]} draws' if name == 'noise' else '')
+    if r.get('targets'):
+      budget += f' per target, {r["targets"]} targets'
+    if r.get('queries'):
+      budget += f' {r["queries"]} queries'
     parts.append(f'{name}{budget}')
   norm = next(iter(seen.values()))['norm']
   eot = next(iter(seen.values())).get('eot', 1)
