@@ -16,7 +16,8 @@ Each member's metrics.jsonl logs, per epoch, the fractions of positives and
 negatives the leaking selection keeps (pos_fraction = |P_leak| / |P_all|,
 neg_fraction = |N_leak| / |N_all|, on the ASCL members); results.json has the
 shared evaluation (profile mnist_linf: FGSM, noise, PGD-CE and PGD-margin 100
-steps x 5 restarts, APGD-CE, APGD-DLR, worst case per example, sanity checks)
+steps x 5 restarts, APGD-CE, APGD-DLR, APGD-T, Square; worst case per example,
+sanity checks)
 at eps 0.1, 0.2, 0.3, and the latent-space study (probe `latent`:
 clean-vs-adversarial latent shift split by attack success, intra/inter-class
 distance ratios, nearest-centroid agreement) under geometry.latent. The

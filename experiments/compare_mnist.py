@@ -28,7 +28,7 @@ gives every member the same data, the same evaluation and the same probes
                        first 50 of the test images (the full setting: all)
 
 The evaluation: profile mnist_linf (FGSM, sign noise, PGD-CE and PGD-margin
-100 steps x 5 restarts, APGD-CE, APGD-DLR; worst case per example; sanity
+100 steps x 5 restarts, APGD-CE, APGD-DLR, APGD-T, Square; worst case per example; sanity
 checks) at eps 0.1, 0.2, 0.3 on the first ``eval.num_examples`` test images.
 The probes: isometry, boson / fermion pair distances, MFTMA of class and
 exemplar manifolds at the last hidden layer (clean and eps 0.1), the

@@ -7,7 +7,7 @@ uniform init, Adam 1e-3, batch 100, 10 epochs on the full 60k training set
 (the paper says 5; 5 left plain CE at 96.8%, short of the 97% a converged
 baseline reaches). Every model gets the shared strong evaluation (profile
 mnist_linf: FGSM, noise, PGD-CE and PGD-margin 100 steps x 5 restarts,
-APGD-CE, APGD-DLR; worst case per example; sanity checks) on the first 2,000
+APGD-CE, APGD-DLR, APGD-T, Square; worst case per example; sanity checks) on the first 2,000
 test images at the paper's FGSM grid logspace(-2, 0, 10) up to eps = 0.36
 (beyond it every model is at 0%), the authors' own FGSM on the training
 loss at the whole grid, and isometry diagnostics per hidden layer.

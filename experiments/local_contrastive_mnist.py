@@ -19,7 +19,7 @@ eps = sweep.pgd_eps on the first sweep.screen_examples images) and the
 boson/fermion distances of its hidden layer on train and test data; the
 baseline and the best d_F also get the strong shared evaluation
 (`mnist_linf`: PGD-CE / PGD-margin 100 steps x 5 restarts, APGD-CE/DLR,
-FGSM, noise, sanity checks).
+APGD-T, Square, FGSM, noise, sanity checks).
 
 COMMAND:
   python launch.py --experiment=local_contrastive_mnist --data_dir=../shared/data

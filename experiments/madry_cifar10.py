@@ -6,7 +6,8 @@ BatchNorm), SGD 0.1 momentum 0.9, weight decay 5e-4, batch 128, 100 epochs
 with the learning rate /10 at epochs 50 and 75, random crop + flip, training
 PGD 10 steps of 2/255 with random start, L-inf eps 8/255. Evaluated by the
 shared strong profile cifar10_linf (PGD-CE / PGD-margin 50 steps x 2
-restarts, APGD-CE, APGD-DLR 100 steps, FGSM, noise, sanity checks) at
+restarts, APGD-CE, APGD-DLR, APGD-T 100 steps, Square 5,000 queries, FGSM,
+noise, sanity checks) at
 eps 2/255, 4/255, 8/255 on the whole test set.
 
 CIFAR-10 has no offline copy here: point --data_dir at a folder holding

@@ -14,7 +14,8 @@ published one:
 
 Both are judged by the shared strong evaluation (profile mnist_linf: FGSM,
 sign noise, PGD-CE and PGD-margin 100 steps x 5 restarts, APGD-CE, APGD-DLR,
-per-example worst case, sanity checks) at eps 0.1, 0.2, 0.3.
+APGD-T (9 targets), Square (5,000 queries), per-example worst case, sanity
+checks) at eps 0.1, 0.2, 0.3.
 
 COMMAND:
   python launch.py --experiment=madry_mnist --data_dir=../shared/data

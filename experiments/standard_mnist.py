@@ -5,7 +5,8 @@ The reference point every defence is compared with: the same CNN as
 fc256, ReLU: Madry et al.'s MNIST network at half its width, sized for a
 CPU), trained with plain cross-entropy, judged by the shared strong
 evaluation (profile mnist_linf: FGSM, sign noise, PGD-CE and PGD-margin 100
-steps x 5 restarts, APGD-CE, APGD-DLR, per-example worst case, sanity checks)
+steps x 5 restarts, APGD-CE, APGD-DLR, APGD-T, Square, per-example worst case,
+sanity checks)
 at eps 0.1, 0.2, 0.3 on the first `eval.num_examples` test images.
 
 COMMAND:

@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   eval.eps             the eps grid (pixel scale, inputs in [0,1]).
   eval.attacks         attacks run at every eps: fgsm, noise, pgd (CE),
                        pgd_margin, pgd_dlr, apgd_ce, apgd_dlr, apgd_t (targeted),
-                       square (gradient-free, linf). Robust accuracy is the
+                       square (gradient-free). Robust accuracy is the
                        per-example worst case over all of them.
   eval.cascade         run each iterative attack (and square) only on the examples every
                        earlier attack left robust (the worst case is the same,

@@ -278,8 +278,6 @@ def test_attacks_feasible_and_identity_at_eps_zero(norm):
   y = jnp.arange(6) % 5
   eps = {'linf': 0.3, 'l2': 1.5}[norm]
   for name, settings in _SETTINGS.items():
-    if name == 'square' and norm == 'l2':
-      continue  # L-inf only (test_square_attack_contract)
     attack = _jitted(name, f, norm=norm, **settings)
     x_adv = attack(x, y, _key(0), eps)
     chex.assert_shape(x_adv, x.shape)
@@ -376,48 +374,49 @@ def test_square_window_schedule():
   assert tuple(runs[0]) == (1, 80) and tuple(runs[-1]) == (1, 1)
 
 
-@pytest.mark.parametrize('shape', [(6, 5, 5, 3), (6, 7, 5), (6, 40)])
-def test_square_attack_contract(shape):
-  """Inside the eps-ball and the box for images, [B, H, W] and vectors, whatever the start;
-  the accepted margin never decreases; identity at eps 0."""
+@pytest.mark.parametrize('shape,norm', [((6, 5, 5, 3), 'linf'), ((6, 7, 5), 'linf'), ((6, 40), 'linf'),
+                                        ((6, 6, 5, 3), 'l2'), ((6, 9, 7), 'l2')])
+def test_square_attack_contract(shape, norm):
+  """Inside the eps-ball and the box for images, [B, H, W] and (L-inf) vectors, whatever the
+  start; the accepted margin never decreases; identity at eps 0."""
   x = _uniform(5, shape)
   x = jnp.where(x > 0.5, jnp.minimum(1.0, x + 0.4), jnp.maximum(0.0, x - 0.4))   # many entries at the box edges
   d = int(np.prod(shape[1:]))
   w = jnp.asarray(np.random.default_rng(6).standard_normal((d, 5)), jnp.float32)
   f = A.deterministic(lambda v: 3.0 * jnp.tanh(v.reshape(v.shape[0], -1) @ w))
   y = jnp.asarray(_predict(f, x))
-  run = _jitted('square', f, queries=60, return_losses=True)
-  x_adv, trace = run(x, y, _key(0), 0.1)
-  _assert_feasible(x_adv, x, 0.1, 'linf')
+  eps = {'linf': 0.1, 'l2': 0.5}[norm]
+  run = _jitted('square', f, queries=60, return_losses=True, norm=norm)
+  x_adv, trace = run(x, y, _key(0), eps)
+  _assert_feasible(x_adv, x, eps, norm)
   trace = np.asarray(trace)                                                  # [restarts, queries, B]
   assert trace.shape == (1, 60, shape[0]) and (np.diff(trace, axis=1) >= 0).all()
   assert trace[0, -1].sum() > trace[0, 0].sum()                              # it made progress
   np.testing.assert_allclose(losses.margin(f(x_adv, None), y), trace[0, -1], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(run(x, y, _key(1), 0.0)[0]), np.asarray(x))
-  with pytest.raises(ValueError, match="norm='linf' only"):
-    A.square(f, x, y, _key(0), eps=0.1, norm='l2')
+  if len(shape) == 2:
+    with pytest.raises(ValueError, match='L2 Square attack takes 2-D inputs'):
+      A.square(f, x, y, _key(0), eps=0.1, norm='l2')
 
 
-def test_square_breaks_a_gradient_masked_model_the_gradient_attacks_cannot():
+@pytest.mark.parametrize('norm,eps', [('linf', 0.1), ('l2', 0.8)])
+def test_square_breaks_a_gradient_masked_model_the_gradient_attacks_cannot(norm, eps):
   """Logits of rounded inputs: the input gradient is exactly zero, so PGD and APGD never
   move from their (harmless) random starts, while Square, from forward passes only, breaks
   the examples a linear attack could."""
-  dim = 64
   rng = np.random.default_rng(1)
-  w = jnp.asarray(rng.choice([-1.0, 1.0], (dim, 3)), jnp.float32)
-  honest = A.deterministic(lambda v: v @ w)
-  masked = A.deterministic(lambda v: jnp.round(v * 8) / 8 @ w)
-  x = _uniform(2, (32, dim), 0.3, 0.7)
+  w = jnp.asarray(rng.choice([-1.0, 1.0], (64, 3)), jnp.float32)
+  honest = A.deterministic(lambda v: v.reshape(v.shape[0], -1) @ w)
+  masked = A.deterministic(lambda v: jnp.round(v.reshape(v.shape[0], -1) * 8) / 8 @ w)
+  x = _uniform(2, (32, 8, 8), 0.3, 0.7)
   y = jnp.asarray(_predict(masked, x))
-  eps = 0.1
-  linear_pgd = _jitted('pgd', honest, steps=20)(x, y, _key(0), eps)
-  breakable = _predict(masked, linear_pgd) != y
-  assert breakable.mean() > 0.8
+  linear_pgd = _jitted('pgd', honest, steps=20, norm=norm, random_start=False)(x, y, _key(0), eps)
+  assert (_predict(masked, linear_pgd) != y).mean() > 0.8
   for name, settings in [('pgd', {'steps': 20, 'restarts': 2}), ('apgd', {'steps': 20})]:
-    fooled = _predict(masked, _jitted(name, masked, **settings)(x, y, _key(0), eps)) != y
+    fooled = _predict(masked, _jitted(name, masked, norm=norm, **settings)(x, y, _key(0), eps)) != y
     assert fooled.mean() < 0.2, name
-  x_sq = _jitted('square', masked, queries=300)(x, y, _key(0), eps)
-  _assert_feasible(x_sq, x, eps, 'linf')
+  x_sq = _jitted('square', masked, queries=1000, norm=norm)(x, y, _key(0), eps)
+  _assert_feasible(x_sq, x, eps, norm)
   assert (_predict(masked, x_sq) != y).mean() > 0.8
 
 

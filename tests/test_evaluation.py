@@ -495,7 +495,6 @@ def test_grid_checks_flag_a_non_monotone_curve_and_a_weak_iterative_attack():
     (dict(attacks=()), 'eval.attacks is empty'),
     (dict(pgd_steps=0), "eval.pgd_steps=0"),
     (dict(norm='l1'), "unknown eval.norm 'l1'"),
-    (dict(attacks=('pgd', 'square'), norm='l2'), 'square, which is built for linf only'),
     (dict(attacks=('square',), square_queries=0), 'eval.square_queries=0'),
     (dict(attacks=('apgd_t',), apgd_targets=0), 'eval.apgd_targets=0'),
 ])

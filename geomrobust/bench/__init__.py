@@ -9,10 +9,14 @@ their ratio says how close the whole step (gather, activations, loss, Adam)
 comes to the matmul roofline of this machine. Report the ratio, not absolute
 times: machines here are shared.
 
-Attack throughput: PGD-40 and APGD-CE-40 (one restart each, L-inf) on the
-MNIST CNN of ``standard_mnist`` / ``madry_mnist``, in attacked examples per
-second, through the shared evaluation's own compiled attack (so a slowdown of
-the evaluation shows up here).
+Attack throughput: PGD-40, APGD-CE-40, APGD-T-40 (9 targets) and Square
+(500 queries), one restart each, L-inf, on the MNIST CNN of
+``standard_mnist`` / ``madry_mnist``, in attacked examples per second and in
+gradient steps (or, for Square, queries: forward passes) per second, through
+the shared evaluation's own compiled attack (so a slowdown of the evaluation
+shows up here). A profile's cost per example follows: gradient steps /
+(gradient steps/s) + queries / (queries/s), per eps, for each example an
+attack faces.
 
 Side by side (``--sections=compare``): the same PGD-40 / APGD-CE-40 (MNIST
 CNN, batch 500, L-inf eps 0.3) and wide-MLP training (784-1000-1000-10,
@@ -162,12 +166,16 @@ def matmul_roofline(sizes, batch, steps, repeats=3) -> float:
   return mlp_train_flops(sizes, batch) * steps / t
 
 
-def attack_workloads(n=1000, batch=500, steps=40, eps=0.3) -> dict:
-  """``{'pgd': run, 'apgd_ce': run}``: PGD-CE and APGD-CE (one restart, L-inf) on
-  ``n`` inputs of the MNIST CNN through the shared evaluation's own compiled
-  attack, compiled already (random weights and inputs: an attack's cost does
-  not depend on them; labels are the model's predictions, as on the PyTorch
-  side)."""
+def attack_workloads(n=1000, batch=500, steps=40, eps=0.3, names=('pgd', 'apgd_ce'), targets=9,
+                     queries=500) -> dict:
+  """``{name: run}`` for the recipes ``names`` (one restart, L-inf; ``apgd_t`` with
+  ``targets`` targets, ``square`` with ``queries`` queries) on ``n`` inputs of the
+  MNIST CNN through the shared evaluation's own compiled attack, compiled
+  already (random weights and inputs: an attack's cost does not depend on
+  them; labels are the model's predictions, as on the PyTorch side). Square
+  runs at eps 0: it stops early once a whole chunk is misclassified, and at
+  eps 0 nothing is, so every query runs (a query's cost does not depend on eps).
+  """
   from geomrobust import evaluation
   from geomrobust.evaluation import suite
   cfg = config_lib.load_experiment('standard_mnist')
@@ -179,26 +187,36 @@ def attack_workloads(n=1000, batch=500, steps=40, eps=0.3) -> dict:
   ev = cfg.eval
   with ev.unlocked():
     ev.pgd_steps, ev.pgd_restarts, ev.apgd_steps, ev.apgd_restarts = steps, 1, steps, 1
+    ev.apgd_targets, ev.square_queries = targets, queries
   mesh = parallel.make_mesh(0)
   rep = parallel.replicated(mesh)
   params, x, y = jax.device_put((params, x, y), rep)
   available = evaluation.recipes.available(ev)
   out = {}
-  for name in ('pgd', 'apgd_ce'):
+  for name in names:
     fn = suite.correct_fn(method.logits, available[name], batch, mesh)
-    args = (params, x, y, jnp.arange(n), jax.random.key(0), jnp.float32(eps), None)
+    args = (params, x, y, jnp.arange(n), jax.random.key(0), jnp.float32(0.0 if name == 'square' else eps), None)
     out[name] = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
     out[name]()  # compile
   return out
 
 
-ATTACK_LABELS = {'pgd': 'PGD-{steps} (CE)', 'apgd_ce': 'APGD-CE-{steps}'}
+ATTACK_LABELS = {'pgd': 'PGD-{steps} (CE)', 'apgd_ce': 'APGD-CE-{steps}',
+                 'apgd_t': 'APGD-T-{steps} x {targets} targets', 'square': 'Square, {queries} queries'}
 
 
-def attack_benchmark(n=1000, batch=500, steps=40, repeats=3) -> list[tuple[str, int, float]]:
-  """``[(name, steps, examples/s)]`` for PGD-CE and APGD-CE on the MNIST CNN."""
-  return [(ATTACK_LABELS[name].format(steps=steps), steps, n / _best_time(run, repeats))
-          for name, run in attack_workloads(n, batch, steps).items()]
+def attack_benchmark(n=1000, batch=500, steps=40, repeats=3, targets=9, queries=500) -> list[tuple[str, float, float]]:
+  """``[(label, examples/s, gradient steps or queries per second)]`` for PGD-CE,
+  APGD-CE, APGD-T and Square on the MNIST CNN (a gradient step or a query is
+  one example's model evaluation: ``steps + 1`` of them per APGD restart and
+  target, ``queries`` per Square run)."""
+  work = {'pgd': steps + 1, 'apgd_ce': steps + 1, 'apgd_t': targets * (steps + 1), 'square': queries}
+  runs = attack_workloads(n, batch, steps, names=tuple(work), targets=targets, queries=queries)
+  out = []
+  for name, run in runs.items():
+    rate = n / _best_time(run, repeats)
+    out.append((ATTACK_LABELS[name].format(steps=steps, targets=targets, queries=queries), rate, rate * work[name]))
+  return out
 
 
 def interleaved(workloads: dict, repeats: int) -> dict:
@@ -367,9 +385,11 @@ def main(argv=None):
     print(f'ratio train step / matmul roofline: {step_flops / roof:.3f} (target >= 0.90)')
 
   if 'attack' in sections:
-    for name, steps, ex_s in attack_benchmark(repeats=args.repeats):
-      print(f'{name} on the MNIST CNN (conv16-conv32-fc256), batch 500: {ex_s:,.0f} examples/s '
-            f'({steps} gradient steps each)')
+    n, queries = (16, 20) if args.smoke else (1000, 500)
+    for label, ex_s, work_s in attack_benchmark(n=n, batch=min(n, 500), repeats=args.repeats, queries=queries):
+      unit = 'queries' if 'Square' in label else 'gradient steps'
+      print(f'{label} on the MNIST CNN (conv16-conv32-fc256), batch 500: {ex_s:,.1f} examples/s, '
+            f'{work_s:,.0f} {unit}/s')
 
   if 'sweep' in sections:
     # (points, chunk_size): one run; 50 points vmapped at once; 50 points one after another in one program.

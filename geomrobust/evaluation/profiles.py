@@ -12,8 +12,7 @@ the same attacks:
                 standard suite is inside it but for FAB-T, see the README).
   cifar10_linf  the same attacks with PGD 50 steps x 2 restarts (CIFAR models
                 are far more expensive per step; the APGDs keep 100 steps).
-  l2            the MNIST profile in the L2 norm, without Square (built for
-                L-inf only).
+  l2            the MNIST profile in the L2 norm (Square in its L2 form).
   autoattack    AutoAttack's standard suite as this evaluation runs it:
                 APGD-CE (100 steps), APGD-T (9 targets x 100 steps), Square
                 (5,000 queries), cascaded (FGSM and noise join for the sanity
@@ -47,7 +46,7 @@ _STRONG = dict(attacks=('fgsm', 'noise', 'apgd_ce', 'apgd_dlr', 'apgd_t', 'pgd',
 PROFILES: dict[str, dict] = {
     'mnist_linf': dict(_STRONG, norm='linf'),
     'cifar10_linf': dict(_STRONG, norm='linf', pgd_steps=50, pgd_restarts=2),
-    'l2': dict(_STRONG, norm='l2', attacks=tuple(a for a in _STRONG['attacks'] if a != 'square')),
+    'l2': dict(_STRONG, norm='l2'),
     'autoattack': dict(_STRONG, norm='linf', attacks=('apgd_ce', 'apgd_t', 'square')),
     'quick': dict(attacks=('fgsm', 'noise', 'pgd', 'apgd_dlr'), pgd_steps=40, pgd_restarts=1,
                   pgd_step_size=2.5, apgd_steps=40, apgd_restarts=1, noise_samples=4, cascade=True),

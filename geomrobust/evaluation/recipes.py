@@ -17,7 +17,7 @@
   square      the Square attack (Andriushchenko et al. 2020): gradient-free
               random search, ``eval.square_queries`` forward passes per
               example, window area starting at ``eval.square_p_init`` of the
-              image (L-inf only). The backstop against gradient masking: it
+              image (L-inf; L2 on 2-D inputs). The backstop against gradient masking: it
               always runs after the gradient attacks, and the sanity check
               ``gradient_free`` counts what it breaks that they did not.
 """
@@ -163,9 +163,6 @@ def resolve(ev: ml_collections.ConfigDict, eot_samples: int = 1) -> list[Recipe]
       if r.queries < 1:
         raise ValueError(f'eval.attacks has square but eval.square_queries={r.queries}; it must be >= 1 (5000 is '
                          f'the standard budget)')
-      if ev.norm != 'linf':
-        raise ValueError(f'eval.attacks has square, which is built for linf only, but eval.norm={ev.norm!r}: '
-                         f'remove it (--config.eval.attacks=...) or evaluate in linf')
     out.append(r.replace(options=dict(norm=ev.norm, eot_samples=eot_samples)))
   return out
 
