@@ -35,7 +35,9 @@ COMMAND:
   python launch.py --experiment=ascl_mnist --data_dir=../shared/data
 
 RUNTIME: 106 min wall measured on a 2-core CPU partly shared with the test suite;
-unshared, PGD-AT and TRADES took 18-19 min each, ASCL about 8 more (README).
+unshared, PGD-AT and TRADES took 18-19 min each, ASCL about 8 more (README).  Measured before APGD-T and Square joined the default
+profile: they add to the evaluation of every example the other attacks leave
+robust (madry_mnist: 424 s -> 1,447 s; README, "Evaluation strength").
 
 EXPECTED (paper): ASCL's robust accuracy at least PGD-AT's; the leaking
 selection keeps well under half of the positives (42.8% on CIFAR-10) and a

@@ -36,6 +36,6 @@ def get_config() -> ml_collections.ConfigDict:
                                 for k in mnist.GEOMETRY)
   c.settings = ml_collections.ConfigDict({
       'full': (f'members={mnist.members(TRAIN_EPS, full=True)!r}', 'eval.num_examples=0', 'eval.batch_size=500',
-               'probes.manifold_geometry.projection_seeds=5'),
+               'probes.manifold_geometry.projection_seeds=5', mnist.FULL_ATTACKS),
   })
   return c

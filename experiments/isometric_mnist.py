@@ -15,7 +15,9 @@ loss at the whole grid, and isometry diagnostics per hidden layer.
 COMMAND:
   python launch.py --experiment=isometric_mnist --data_dir=../shared/data
 
-RUNTIME: 13 min 21 s measured on a 2-core CPU (README has the numbers).
+RUNTIME: 13 min 21 s measured on a 2-core CPU (README has the numbers).  Measured before APGD-T and Square joined the default
+profile: they add to the evaluation of every example the other attacks leave
+robust (madry_mnist: 424 s -> 1,447 s; README, "Evaluation strength").
 
 EXPECTED (paper): moderate beta keeps clean accuracy within about a point of
 CE (>= 97%) and lifts the accuracy curve for eps ~ 0.03-0.3; CE collapses

@@ -25,8 +25,11 @@ COMMAND:
   python launch.py --experiment=local_contrastive_mnist --data_dir=../shared/data
 
 RUNTIME: 19 min 46 s measured on a 2-core CPU (25 d_F values x 3 seeds + 3
-MLPs; README has the numbers). `--setting=full` is the paper's grid (d_F step 0.005,
-241 values x 5 seeds = 1,205 models) for an accelerator.
+MLPs; README has the numbers).  Measured before APGD-T and Square joined the default
+profile: they add to the evaluation of every example the other attacks leave
+robust (madry_mnist: 424 s -> 1,447 s; README, "Evaluation strength").
+`--setting=full` is the paper's grid (d_F step 0.005, 241 values x 5 seeds =
+1,205 models) for an accelerator.
 
 EXPECTED (paper): d_F = 0 collapses every representation (chance accuracy);
 a broad range of d_F gives clean accuracy in the mid 80s %, comparable to the

@@ -20,7 +20,9 @@ checks) at eps 0.1, 0.2, 0.3.
 COMMAND:
   python launch.py --experiment=madry_mnist --data_dir=../shared/data
 
-RUNTIME: 24 min 07 s measured on a 2-core CPU (README has the numbers).
+RUNTIME: about 42 min on a 2-core CPU: 24 min 07 s measured with the earlier
+evaluation, whose 424 s became 1,447 s when APGD-T and Square joined the
+default profile (measured 2026-12-07, same checkpoint; README has the numbers).
 
 EXPECTED: published (full budget): about 98.5% clean, 89% under PGD and
 88.5% under AutoAttack at eps 0.3. The reduced budget lands below that; the

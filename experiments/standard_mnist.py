@@ -12,7 +12,9 @@ at eps 0.1, 0.2, 0.3 on the first `eval.num_examples` test images.
 COMMAND:
   python launch.py --experiment=standard_mnist --data_dir=../shared/data
 
-RUNTIME: 10 min 35 s measured on a 2-core CPU (README has the numbers).
+RUNTIME: 10 min 35 s measured on a 2-core CPU (README has the numbers).  Measured before APGD-T and Square joined the default
+profile: they add to the evaluation of every example the other attacks leave
+robust (madry_mnist: 424 s -> 1,447 s; README, "Evaluation strength").
 `--setting=full` is Madry et al.'s network (conv32-conv64-fc1024) evaluated
 on the whole test set, for an accelerator.
 

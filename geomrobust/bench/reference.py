@@ -46,7 +46,7 @@ def torch_cnn(model_config, params, num_classes: int):
   channels, dense = [int(c) for c in model_config.channels], [int(d) for d in model_config.dense]
 
   def tensor(a):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32)))
+    return torch.from_numpy(np.array(a, np.float32))   # a writable copy
 
   class CNN(nn.Module):
 
@@ -118,9 +118,9 @@ def run_cascade(model, x, y, attacks, log=print) -> list[dict]:
     t0 = time.perf_counter()
     broke = 0
     if len(idx):
-      x_adv = attack(x[idx], y[idx])
-      delta = (x_adv - x[idx]).abs().amax()
+      x_adv = attack(x[idx], y[idx]).detach()
       with torch.no_grad():
+        delta = (x_adv - x[idx]).abs().amax()
         still = model(x_adv).argmax(1) == y[idx]
       broke = int((~still).sum())
       robust[idx[~still]] = False

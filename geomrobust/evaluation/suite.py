@@ -432,9 +432,11 @@ def evaluate(apply_fn: ApplyFn, params: Any, images, labels, ev: ml_collections.
 
   Returns:
     dict with ``clean_accuracy``, ``robustness`` rows (one per attack and eps,
+    with its budget: ``steps``, ``restarts``, ``eot``, and ``targets`` for
+    APGD-T, ``queries`` for Square;
     and a ``worst_case`` row per eps: an example is robust only if it survives
     every attack; with ``eval.cascade`` a deterministic model's iterative
-    attacks run only on the examples the attacks before them left robust, and
+    attacks and Square run only on the examples the attacks before them left robust, and
     their rows carry ``cascade=True``, ``attacked`` (examples faced),
     ``broke`` and as ``accuracy`` the robust accuracy after them and every
     attack before them), ``masks`` ({'attack@eps': bool [N]}; cascaded: robust
