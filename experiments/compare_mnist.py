@@ -29,8 +29,8 @@ gives every member the same data, the same evaluation and the same probes
 
 The evaluation: profile mnist_linf without APGD-T and Square on a CPU (FGSM,
 sign noise, PGD-CE and PGD-margin 100 steps x 5 restarts, APGD-CE, APGD-DLR:
-what the measured RUNTIME and tables used; the two would about quadruple the
-robust members' evaluation), all of it with --setting=full; worst case per example; sanity
+what the measured RUNTIME and tables used; the two take a robust member's
+evaluation to about 3.4x), all of it with --setting=full; worst case per example; sanity
 checks) at eps 0.1, 0.2, 0.3 on the first ``eval.num_examples`` test images.
 The probes: isometry, boson / fermion pair distances, MFTMA of class and
 exemplar manifolds at the last hidden layer (clean and eps 0.1), the
@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.eot_samples = 8
   c.eval.passes = 5
   # The CPU default keeps the attacks its RUNTIME and the README's tables were measured with:
-  # APGD-T and Square (in mnist_linf since) cost ~4x the evaluation of the robust members
+  # APGD-T and Square (in mnist_linf since) take a robust member's evaluation to ~3.4x
   # (README, "Evaluation strength"); --setting=full runs them.
   c.eval.attacks = CPU_ATTACKS
   c.probes = ml_collections.ConfigDict({

@@ -386,9 +386,10 @@ def main(argv=None):
 
   if 'attack' in sections:
     n, queries = (16, 20) if args.smoke else (1000, 500)
-    for label, ex_s, work_s in attack_benchmark(n=n, batch=min(n, 500), repeats=args.repeats, queries=queries):
+    batch = min(n, 500)
+    for label, ex_s, work_s in attack_benchmark(n=n, batch=batch, repeats=args.repeats, queries=queries):
       unit = 'queries' if 'Square' in label else 'gradient steps'
-      print(f'{label} on the MNIST CNN (conv16-conv32-fc256), batch 500: {ex_s:,.1f} examples/s, '
+      print(f'{label} on the MNIST CNN (conv16-conv32-fc256), batch {batch}: {ex_s:,.1f} examples/s, '
             f'{work_s:,.0f} {unit}/s')
 
   if 'sweep' in sections:
