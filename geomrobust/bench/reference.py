@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 
-def torch_cnn(model_config, params, num_classes: int):
+def torch_cnn(model_config, params):
   """The run's ``SmallCNN`` as a ``torch.nn.Module`` (eval mode) with its weights.
 
   Flax kernels are ``[kh, kw, in, out]`` (conv) and ``[in, out]`` (dense), and
@@ -88,7 +88,6 @@ def torch_cnn(model_config, params, num_classes: int):
   model = CNN().eval()
   for q in model.parameters():
     q.requires_grad_(False)
-  del num_classes
   return model
 
 
@@ -163,7 +162,7 @@ def main(argv=None):
   data = pipeline.prepare_data(cfg, args.data_dir)
   x = np.asarray(pipeline.model_input(data.eval_images), np.float32)           # [N, H, W, C]
   y = np.asarray(data.eval_labels, np.int64)
-  model = torch_cnn(cfg.model, run.params, data.num_classes)
+  model = torch_cnn(cfg.model, run.params)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   yt = torch.from_numpy(y)
   ours = np.asarray(run.logits(x))
