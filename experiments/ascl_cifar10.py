@@ -54,5 +54,6 @@ def get_config() -> ml_collections.ConfigDict:
       f'trades: method={TRADES!r}; train.augment=crop_flip',
   )
   c.probes = ml_collections.ConfigDict({'latent': {}})
-  c.smoke = ('only=ascl_leaking', 'model.width=4', 'method.steps=2', 'data.verify=false', 'eval.attacks=pgd,apgd_dlr')
+  c.smoke = ('only=ascl_leaking', 'model.width=4', 'model.blocks=1', 'method.steps=2', 'data.verify=false',
+             'eval.attacks=pgd,apgd_dlr')
   return c

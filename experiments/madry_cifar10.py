@@ -36,7 +36,7 @@ EPS = 8 / 255
 def get_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.dataset = 'cifar10'
-  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=64, preact=False, weight_init='he'))
+  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=64, blocks=2, preact=False, weight_init='he'))
   c.method = ml_collections.ConfigDict(dict(
       name='pgd_at', eps=EPS, step_size=2 / 255, steps=10, random_start=True, attack='pgd', norm='linf'))
   c.train.epochs = 100
@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = 0
   c.eval.batch_size = 500
   c.eval.eps = (2 / 255, 4 / 255, EPS)
-  # Smoke: a narrow ResNet, a 2-step training attack and one PGD and one APGD
+  # Smoke: a narrow ResNet-10, a 2-step training attack and one PGD and one APGD
   # attack (the other losses run in the MNIST smokes) keep the path, not the cost.
-  c.smoke = ('model.width=4', 'method.steps=2', 'data.verify=false', 'eval.attacks=pgd,apgd_dlr')
+  c.smoke = ('model.width=4', 'model.blocks=1', 'method.steps=2', 'data.verify=false', 'eval.attacks=pgd,apgd_dlr')
   return c

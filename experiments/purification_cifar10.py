@@ -42,7 +42,7 @@ SPE = 50000 // 128   # steps per epoch at batch 128
 def get_config() -> ml_collections.ConfigDict:
   c = default_config()
   c.dataset = 'cifar10'
-  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=64, preact=False, weight_init='he'))
+  c.model = ml_collections.ConfigDict(dict(name='resnet18', width=64, blocks=2, preact=False, weight_init='he'))
   c.method = ml_collections.ConfigDict(dict(
       name='purification', recipe='clean_then_adversarial', clean_steps=100 * SPE, adv_steps=20 * SPE,
       clean_lr=0.1, adv_lr=0.01, attack='pgd', norm='linf', tau=EPS, pgd_steps=10, rank=0, linearize=False,
@@ -56,6 +56,6 @@ def get_config() -> ml_collections.ConfigDict:
                *(f'rank_{r}: method.rank={r}' for r in (1, 4, 16)))
   c.probes = ml_collections.ConfigDict({'purification': {'clean_member': 'clean', 'at_member': 'at',
                                                           'ideal_member': ''}})
-  c.smoke = ('only=rank_4', 'model.width=4', 'method.clean_steps=4', 'method.adv_steps=4', 'method.pgd_steps=2',
-             'train.steps_per_log=2', 'data.verify=false', 'eval.attacks=pgd', 'eval.sanity=false')
+  c.smoke = ('only=rank_4', 'model.width=4', 'model.blocks=1', 'method.clean_steps=4', 'method.adv_steps=4',
+             'method.pgd_steps=2', 'train.steps_per_log=2', 'data.verify=false', 'eval.attacks=pgd', 'eval.sanity=false')
   return c

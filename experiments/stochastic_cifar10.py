@@ -39,9 +39,9 @@ import ml_collections
 
 from geomrobust.config import load_experiment
 
-_RESNET = dict(name='resnet18', width=64, preact=False, weight_init='he')
+_RESNET = dict(name='resnet18', width=64, blocks=2, preact=False, weight_init='he')
 _VONE = dict(name='vone_resnet18', front_end='vone', noise='poisson', noise_scale=1.0, front_channels=64, front_kernel=7,
-             front_stride=1, k_exc=25.0, gabor_seed=0, sf_min=0.1, sf_max=0.3, frozen_noise=False, width=64,
+             front_stride=1, k_exc=25.0, gabor_seed=0, sf_min=0.1, sf_max=0.3, frozen_noise=False, width=64, blocks=2,
              preact=False, weight_init='he')
 
 
@@ -60,6 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
   )
   # Smoke: the VOneResNet alone (PGD-AT ResNet-18 is madry_cifar10's smoke; the stochastic
   # evaluation and its checks are stochastic_mnist's), narrow, one attack.
-  c.smoke = ('only=vone_resnet18', 'model.width=4', 'model.front_channels=8', 'data.verify=false',
+  c.smoke = ('only=vone_resnet18', 'model.width=4', 'model.blocks=1', 'model.front_channels=8', 'data.verify=false',
              'eval.attacks=pgd', 'eval.eps=0.0313725', 'eval.sanity=false')
   return c

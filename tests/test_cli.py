@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 import geomrobust
 from geomrobust import config as config_lib
 from geomrobust import experiment
@@ -73,6 +74,9 @@ def _trained_family(shared_data_dir, tmp_path_factory):
   """One finished isometric smoke family (ce, beta_1e-3), trained once for the tests below."""
   cfg = config_lib.smoke(config_lib.load_experiment('isometric_mnist'))
   cfg.only = 'ce,beta_1e-3'
+  # What these tests read is the run folder, not the attacks (test_every_experiment_runs_with_smoke runs them):
+  # one cheap attack, no sanity checks.
+  cfg.eval.attacks, cfg.eval.sanity = ('pgd',), False
   workdir = tmp_path_factory.mktemp('family')
   experiment.run_experiment(cfg, workdir, shared_data_dir, log=lambda s: None)
   return cfg, workdir
@@ -109,7 +113,10 @@ def generated_cifar_dir(tmp_path_factory) -> str:
 def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar_dir, tmp_path):
   dataset = config_lib.load_experiment(name).dataset
   data_dir = generated_cifar_dir if dataset == 'cifar10' else shared_data_dir
-  proc = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
+  # A ResNet's smoke is mostly running, not compiling (conftest.FAST_RUN).
+  env = {'XLA_FLAGS': conftest.with_opt_level(os.environ.get('XLA_FLAGS'), conftest.FAST_RUN)} if (
+      dataset == 'cifar10') else None
+  proc = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}', env=env)
   assert proc.returncode == 0, proc.stderr[-4000:]
   top = json.loads((tmp_path / 'results.json').read_text())
   assert top['experiment'] == name and top['smoke'] is True
@@ -159,7 +166,7 @@ def test_every_experiment_runs_with_smoke(name, shared_data_dir, generated_cifar
       assert set(row) >= {field, 'seed', 'clean_accuracy', 'robust_accuracy', 'eps'}
       assert 0.0 <= row['robust_accuracy'] <= 1.0 and row['eps'] == sweep.pgd_eps
   # Rerunning the finished experiment trains nothing and keeps the results.
-  again = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}')
+  again = launch(f'--experiment={name}', '--smoke', f'--data_dir={data_dir}', f'--workdir={tmp_path}', env=env)
   assert again.returncode == 0 and 'already done' in again.stdout + again.stderr
   # Every kind of run (single, family member, member of a vmapped sweep) loads back as a classifier.
   run = geomrobust.load_run(tmp_path, members[-1]) if members[-1] else geomrobust.load_run(tmp_path)
@@ -193,7 +200,7 @@ def test_load_run_gives_a_pure_jax_classifier(trained_family, shared_data_dir):
 def test_evaluate_reuses_the_trained_run(trained_family, shared_data_dir):
   _, tmp_path = trained_family
   proc = launch(f'--evaluate={tmp_path}', '--config.eval.eps=0,0.2', '--config.eval.attacks=pgd',
-                f'--data_dir={shared_data_dir}')
+                '--config.eval.sanity=true', f'--data_dir={shared_data_dir}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'epoch' not in proc.stdout  # no training
   res = json.loads((tmp_path / 'ce' / 'results.json').read_text())

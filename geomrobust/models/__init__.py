@@ -20,9 +20,9 @@ MODELS = {
     'cnn': lambda c, n: SmallCNN(channels=tuple(c.channels), convs_per_block=c.convs_per_block,
                                  kernel_size=c.kernel_size, dense=tuple(c.dense), num_classes=n,
                                  activation=c.activation, weight_init=c.weight_init),
-    # Config: width (64 = the standard 64-128-256-512), preact, weight_init.
+    # Config: width (64 = the standard 64-128-256-512), preact, weight_init, blocks per stage (2).
     'resnet18': lambda c, n: resnet18(width=c.get('width', 64), num_classes=n, preact=c.get('preact', False),
-                                      weight_init=c.get('weight_init', 'he')),
+                                      weight_init=c.get('weight_init', 'he'), blocks=c.get('blocks', 2)),
     # Stochastic neurons (models/stochastic.py): VOne or conv first block + noise.
     'vone_cnn': stochastic.build_cnn,
     'vone_resnet18': stochastic.build_resnet,

@@ -31,7 +31,7 @@ from geomrobust.models import common
 from geomrobust.models.conv import Conv
 
 # Valid config.model values; see config.field_bounds.
-BOUNDS = {'width': config_lib.integer(1, example=64)}
+BOUNDS = {'width': config_lib.integer(1, example=64), 'blocks': config_lib.integer(1, example=2)}
 
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Flax's 0.9).
 _BN_MOMENTUM = 0.9
@@ -123,7 +123,10 @@ class ResNet(nn.Module):
     return logits, tuple(reps)
 
 
-def resnet18(width: int = 64, num_classes: int = 10, preact: bool = False, weight_init: str = 'he') -> ResNet:
-  """ResNet-18 (2-2-2-2 BasicBlocks), widths ``width * (1, 2, 4, 8)``."""
-  return ResNet(stage_sizes=(2, 2, 2, 2), width=width, num_classes=num_classes, preact=preact,
+def resnet18(width: int = 64, num_classes: int = 10, preact: bool = False, weight_init: str = 'he',
+             blocks: int = 2) -> ResNet:
+  """ResNet-18 (2-2-2-2 BasicBlocks), widths ``width * (1, 2, 4, 8)``; ``blocks`` per stage
+  other than 2 gives the same network deeper or shallower (1: a ResNet-10, what the
+  CIFAR experiments' ``--smoke`` runs on a CPU)."""
+  return ResNet(stage_sizes=(blocks,) * 4, width=width, num_classes=num_classes, preact=preact,
                 weight_init=weight_init)

@@ -324,6 +324,7 @@ class VOneResNet(nn.Module):
   sf_max: float = 0.3
   frozen_noise: bool = False
   width: int = 64
+  blocks: int = 2          # BasicBlocks per stage (2: ResNet-18's)
   num_classes: int = 10
   preact: bool = False
   weight_init: str = 'he'
@@ -342,8 +343,8 @@ class VOneResNet(nn.Module):
     pre = _first_block(self, x)
     h = Conv(self.width, (1, 1), padding='VALID', use_bias=False, kernel_init=common.kernel_init(self.weight_init),
              name='bottleneck')(nn.relu(pre))
-    logits, reps = resnet.ResNet(width=self.width, num_classes=self.num_classes, preact=self.preact,
-                                 weight_init=self.weight_init, stem=False, name='resnet')(h, train)
+    logits, reps = resnet.ResNet(stage_sizes=(self.blocks,) * 4, width=self.width, num_classes=self.num_classes,
+                                 preact=self.preact, weight_init=self.weight_init, stem=False, name='resnet')(h, train)
     return logits, (pre,) + tuple(reps)
 
 
@@ -356,6 +357,7 @@ BOUNDS = {
     'sf_max': config_lib.number(above=0, below=0.5, example=0.3),
     'channels': config_lib.integer(1, example=32), 'kernel_size': config_lib.integer(1, example=5),
     'dense': config_lib.integer(1, example=256), 'width': config_lib.integer(1, example=64),
+    'blocks': config_lib.integer(1, example=2),
 }
 # Model fields a stacked sweep can trace (``sweep.hparam=model.<field>``): constants in params.
 TRACED = {'noise_scale': NOISE_SCALE}
@@ -381,5 +383,5 @@ def build_cnn(c, num_classes: int) -> StochasticCNN:
 
 def build_resnet(c, num_classes: int) -> VOneResNet:
   return VOneResNet(**_first_kwargs(c), front_channels=int(c.get('front_channels', 64)),
-                    width=int(c.get('width', 64)), num_classes=num_classes, preact=bool(c.get('preact', False)),
-                    weight_init=c.get('weight_init', 'he'))
+                    width=int(c.get('width', 64)), blocks=int(c.get('blocks', 2)), num_classes=num_classes,
+                    preact=bool(c.get('preact', False)), weight_init=c.get('weight_init', 'he'))
