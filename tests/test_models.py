@@ -59,6 +59,23 @@ def test_cnn_shapes():
   assert [r.shape for r in reps] == [(2, 14, 14, 8), (2, 7, 7, 16), (2, 32), (2, 32)]
 
 
+@pytest.mark.parametrize('name', ['resnet18', 'vone_resnet18'])
+def test_resnet_blocks_per_stage(name):
+  """model.blocks: 2 BasicBlocks per stage by default (ResNet-18), 1 for the smoke's ResNet-10."""
+  x = jnp.zeros((1, 32, 32, 3))
+
+  def block_names(**kw):
+    cfg = ml_collections.ConfigDict(dict(name=name, width=4, front_channels=8, noise='none', **kw))
+    params = jax.eval_shape(models.build_model(cfg, 10).init, jax.random.key(0), x)['params']
+    params = params.get('resnet', params)
+    return sorted(k for k in params if '_block' in k)
+
+  assert block_names() == [f'stage{s}_block{b}' for s in range(4) for b in range(2)]
+  assert block_names(blocks=1) == [f'stage{s}_block0' for s in range(4)]
+  with pytest.raises(Exception, match='model.blocks'):
+    block_names(blocks=0)
+
+
 def test_unknown_names_raise_clear_errors():
   with pytest.raises(ValueError, match="unknown model 'vit'; available: audio_cnn, cnn, mlp, poly2, resnet18, symmetric_relu, vone_cnn, vone_resnet18"):
     models.build_model(_cfg(name='vit'), 10)
