@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping
 import ml_collections
 
 from geomrobust.evaluation import profiles
+from geomrobust.evaluation import recipes
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / 'experiments'
 
@@ -863,6 +864,11 @@ def _smoke_member(config: ml_collections.ConfigDict, member: ml_collections.Conf
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks data, epochs, evaluation and the member list; keeps every code path.
 
+  The evaluation keeps its eps grid and sanity checks with small budgets,
+  and of ``eval.attacks`` the single-step attacks and the first and last
+  costly one (``recipes.smoke_attacks``; mnist_linf: FGSM, noise, APGD-CE,
+  Square).
+
   An experiment may refine this with ``config.smoke``, a tuple of
   ``'key=value'`` overrides applied last (and again to each family member's
   config, for the keys it has: a member may replace a whole section).
@@ -884,6 +890,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.eval.square_queries = min(config.eval.get('square_queries', 0), 20)
     config.eval.eot_samples = min(config.eval.eot_samples, 2)   # passes stay (forward passes are cheap)
     config.eval.trajectories = min(config.eval.trajectories, 4)
+    config.eval.attacks = recipes.smoke_attacks(config.eval)
     config.smoke_run = True
     if config.get('members') and not config.get('only'):
       # Members differ in hyperparameters, not code: two of them cover the path.

@@ -92,6 +92,21 @@ def test_smoke_shrinks_but_keeps_the_path():
   assert cfg.smoke_run and cfg.train.epochs <= 2 and cfg.eval.num_examples <= 64
   assert cfg.data.train_examples <= 512 and cfg.eval.pgd_steps >= 1
   assert len(config_lib.member_configs(cfg)) >= 2
+  # Attacks: the single-step ones and the first and last costly one (the cascade and Square stay).
+  assert tuple(cfg.eval.attacks) == ('fgsm', 'noise', 'apgd_ce', 'square')
+
+
+@pytest.mark.parametrize('attacks,kept', [
+    (('pgd', 'apgd_dlr'), ('pgd', 'apgd_dlr')),
+    (('fgsm', 'pgd', 'pgd_margin', 'apgd_t', 'noise'), ('fgsm', 'pgd', 'apgd_t', 'noise')),
+    (('square', 'pgd', 'apgd_ce', 'apgd_dlr'), ('square', 'apgd_dlr')),
+    (('noise', 'apgd_t'), ('noise', 'apgd_t')),
+    (('pgd', 'magic', 'apgd_ce', 'square'), ('pgd', 'magic', 'square')),   # unknown: left for the error
+])
+def test_smoke_keeps_the_first_and_last_costly_attack(attacks, kept):
+  cfg = config_lib.default_config()
+  cfg.eval.attacks = attacks
+  assert config_lib.smoke(cfg).eval.attacks == kept
 
 
 def test_a_run_written_before_a_new_default_field_still_resumes(tmp_path):
