@@ -17,9 +17,9 @@ Judged by the shared strong evaluation (profile mnist_linf) at eps 0.1, 0.2, 0.3
 COMMAND:
   python launch.py --experiment=trades_mnist --data_dir=../shared/data
 
-RUNTIME: 25 min 17 s measured on a 2-core CPU (README has the numbers).  Measured before APGD-T and Square joined the default
-profile: they add to the evaluation of every example the other attacks leave
-robust (madry_mnist: 424 s -> 1,447 s; README, "Evaluation strength").
+RUNTIME: 43 min measured on a 2-core CPU (23 min training, partly beside
+other jobs; 20 min evaluating with APGD-T and Square in the profile, 7 min
+with the profile before them; README has the numbers).
 
 EXPECTED: published (full budget, their CNN): about 99.5% clean and 96% under
 their PGD-40 at eps 0.3. The reduced budget lands below; the measured
