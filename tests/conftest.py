@@ -58,6 +58,16 @@ def pytest_configure(config):
                     int(os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES']))
 
 
+# The longest tests (each experiment's launched smoke run, about a minute) go
+# first: xdist hands tests out in collection order, and one of them started
+# last would leave the other worker idle at the end.
+_LONG_FIRST = ('test_every_experiment_runs_with_smoke',)
+
+
+def pytest_collection_modifyitems(config, items):
+  items.sort(key=lambda item: item.originalname not in _LONG_FIRST)   # stable: the rest keep their order
+
+
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, 'workerinput'):   # the controller made it, the controller removes it
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
