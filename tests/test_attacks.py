@@ -483,8 +483,9 @@ def test_stochastic_model_attacks_with_eot():
   clean = probe(x, jnp.zeros(16, jnp.int32))
   y = jnp.argmax(clean.probs, -1)  # labels = the model's own vote: clean accuracy 1
   clean_loss = np.asarray(probe(x, y).loss)
-  for name in ['pgd', 'apgd']:
-    x_adv = _jitted(name, f, eot_samples=4, **_SETTINGS[name])(x, y, _key(1), 0.1)
+  budgets = dict(_SETTINGS, square={'queries': 300})   # Square: forward passes only, each averaged over the draws
+  for name in ['pgd', 'apgd', 'square']:
+    x_adv = _jitted(name, f, eot_samples=4, **budgets[name])(x, y, _key(1), 0.1)
     _assert_feasible(x_adv, x, 0.1, 'linf', name)
     adv = probe(x_adv, y)
     # eps = 0.1 raises every example's expected loss by ~0.12 or more (0.18 on

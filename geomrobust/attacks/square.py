@@ -158,6 +158,16 @@ def square(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', quer
   in the eps-ball and clipped to ``box``. Returns, over restarts, the best
   accepted point (successful first, then higher loss); with ``return_losses``
   ``(x_adv, losses [restarts, queries, B])``, the accepted loss after each query.
+
+  With ``eot_samples > 1`` (a stochastic model) every query also evaluates
+  the current point, on the same draws as the proposal, and keeps whichever
+  scores higher there. Comparing a fresh noisy estimate with the best one seen
+  so far would favour lucky draws: the stored loss would ratchet up on noise
+  and reject real gains, and one lucky draw would stop an example for good.
+  So there an example keeps climbing to the end of the budget; it counts as
+  misclassified when its point is on that query's draws (the loop ends early
+  only when every example is at once), and ``losses`` holds these paired,
+  noisy estimates (not monotone). Each query then costs two EOT evaluations.
   """
   check_norm(norm)
   if queries < 1:
@@ -167,6 +177,7 @@ def square(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', quer
   x = common.as_input(x)
   goal = common.make_goal(loss, labels, targeted, target_labels)
   value = eot_value(logits_fn, goal.objective, eot_samples)
+  paired = eot_samples > 1
   parts = (_linf_parts if norm == 'linf' else _l2_parts)(x, eps, queries, p_init, box)
 
   def run_one(key):
@@ -183,11 +194,18 @@ def square(logits_fn: LogitsFn, x, labels, rng, *, eps, norm: str = 'linf', quer
     def body(carry):
       i, delta, loss, success, losses = carry
       candidate = parts.propose(jax.random.fold_in(k_query, i), i, delta)
-      out = value(parts.point(candidate), jax.random.fold_in(k_model, i))
-      accept = ~success & (out.loss > loss)
+      draws = jax.random.fold_in(k_model, i)
+      out = value(parts.point(candidate), draws)
+      if paired:   # the current point on the proposal's draws (see the docstring)
+        now = value(parts.point(delta), draws)
+        accept = out.loss > now.loss
+        loss = jnp.where(accept, out.loss, now.loss)
+        success = goal.is_success(jnp.where(accept[:, None], out.probs, now.probs))
+      else:
+        accept = ~success & (out.loss > loss)
+        loss = jnp.where(accept, out.loss, loss)
+        success = success | (accept & goal.is_success(out.probs))
       delta = jnp.where(accept[:, None, None, None], parts.settle(candidate), delta)
-      loss = jnp.where(accept, out.loss, loss)
-      success = success | (accept & goal.is_success(out.probs))
       return i + 1, delta, loss, success, losses.at[i].set(loss)
 
     i, delta, loss, success, losses = jax.lax.while_loop(
