@@ -75,7 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
       f'"random_start": True, "attack": "pgd", "norm": "linf", "eps_warmup_steps": 0}}',
   )
   c.settings = ml_collections.ConfigDict({'full': ('train.epochs=30', 'eval.num_examples=300')})
-  # Smoke: the stochastic network and PGD-AT on waveforms; the stochastic checks run in stochastic_mnist's.
-  c.smoke = ('only=stochastic,pgd_at', 'model.channels=4,8', 'model.dense=16', 'eval.eps=0.005',
+  # Smoke: the stochastic network and PGD-AT on waveforms (2 attack steps); the stochastic checks run in
+  # stochastic_mnist's.
+  c.smoke = ('only=stochastic,pgd_at', 'model.channels=4,8', 'model.dense=16', 'eval.eps=0.005', 'method.steps=2',
              'eval.attacks=pgd', 'eval.sanity=false')
   return c
